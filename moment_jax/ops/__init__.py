@@ -1,0 +1,32 @@
+"""Pure functions of the moment pipeline (SPEC.md sections 1-5)."""
+
+from moment_jax.ops.checks import check_inputs, check_values
+from moment_jax.ops.features import feature_size, moment_features
+from moment_jax.ops.graph import grid_graph, normalize_graph, propagate
+from moment_jax.ops.moment import center, centered_moment, second_moment
+from moment_jax.ops.sketch import (count_sketch, power_normalize, sketch_hashes,
+                                   tensor_sketch_moment)
+from moment_jax.ops.sqrtm import newton_schulz_step, sqrtm_newton_schulz
+from moment_jax.ops.triu import triu_flat_indices, triu_size, triu_vector
+
+__all__ = [
+    "center",
+    "centered_moment",
+    "check_inputs",
+    "check_values",
+    "count_sketch",
+    "feature_size",
+    "grid_graph",
+    "moment_features",
+    "newton_schulz_step",
+    "normalize_graph",
+    "power_normalize",
+    "propagate",
+    "second_moment",
+    "sketch_hashes",
+    "sqrtm_newton_schulz",
+    "tensor_sketch_moment",
+    "triu_flat_indices",
+    "triu_size",
+    "triu_vector",
+]

@@ -1,0 +1,115 @@
+"""The whole feature pipeline of SPEC sections 1-5, as one pure function."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+from flax.typing import Dtype, PrecisionLike
+
+from moment_jax.ops import checks
+from moment_jax.ops.graph import normalize_graph, propagate
+from moment_jax.ops.moment import center, centered_moment
+from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
+from moment_jax.ops.sqrtm import check_iterations, sqrtm_newton_schulz
+from moment_jax.ops.triu import triu_size, triu_vector
+
+
+def feature_size(dim: int, use_third_order: bool = False, sketch_dim: int = 1024) -> int:
+  """Length `F = dim (dim + 1) / 2 (+ sketch_dim)` of `moment_features`."""
+  return triu_size(dim) + (sketch_dim if use_third_order else 0)
+
+
+def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int) -> None:
+  """Validates the static configuration of the pipeline."""
+  check_iterations(isqrt_iterations)
+  if use_third_order:
+    check_sketch_dim(sketch_dim)
+
+
+def moment_features(
+    tokens: jax.Array,
+    graph: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    isqrt_iterations: int = 3,
+    use_third_order: bool = False,
+    sketch_dim: int = 1024,
+    sketch_seed: int = 0,
+    eps: float = 1e-5,
+    moment_dtype: Dtype | None = None,
+    sqrt_dtype: Dtype | None = None,
+    precision: PrecisionLike = None,
+    remat_isqrt: bool = False,
+    isqrt_chunk: int | None = None,
+    check_values: bool = False,
+) -> jax.Array:
+  """Moment features of token sets: graph propagation, square-rooted
+  covariance, upper triangle and optional third-order sketch.
+
+  Args:
+    tokens: `[batch, tokens, dim]` floating.
+    graph: optional `[tokens, tokens]` or `[batch, tokens, tokens]`
+      non-negative edge weights; `None` means no propagation.
+    mask: optional `[batch, tokens]` bool, `False` for padding tokens.
+    isqrt_iterations: Newton–Schulz steps `K >= 1`.
+    use_third_order: append the Tensor Sketch of the third moment.
+    sketch_dim: sketch length (only used with the third order).
+    sketch_seed: seed of the sketch hashes.
+    eps: ridge of the moment, degree floor and power-normalisation offset.
+    moment_dtype: dtype of the propagation, centring, moment and sketch;
+      default: the tokens', at least float32.
+    sqrt_dtype: dtype of the Newton–Schulz operands and state; default: the
+      moment's. Trace and scaling stay in float32 or wider.
+    precision: matmul precision of every product.
+    remat_isqrt: checkpoint the Newton–Schulz loop body (see
+      `sqrtm_newton_schulz`).
+    isqrt_chunk: compute the square root over the batch in chunks of this
+      many samples (`lax.map` with `batch_size`), bounding its workspace.
+    check_values: also check values (finite tokens, non-negative graph, no
+      all-padding mask row); costs a device-to-host sync.
+
+  Returns:
+    `[batch, F]` features, `F = feature_size(dim, use_third_order,
+    sketch_dim)`, in the square-root stage's dtype (float32 by default).
+    The moment, the square root and the features are tagged with
+    `checkpoint_name` ("moment", "sqrtm", "features") for remat policies.
+
+  Example:
+    >>> f = moment_features(jnp.ones((2, 196, 64)), grid_graph(14, 14))
+    >>> f.shape
+    (2, 2080)
+  """
+  checks.check_inputs(tokens, graph, mask)
+  check_config(isqrt_iterations, use_third_order, sketch_dim)
+  if isqrt_chunk is not None and (isinstance(isqrt_chunk, bool)
+                                  or not isinstance(isqrt_chunk, int) or isqrt_chunk < 1):
+    raise ValueError(f"isqrt_chunk: expected None or an int >= 1, got {isqrt_chunk!r}")
+  if check_values:
+    checks.check_values(tokens, graph, mask)
+  else:
+    checks.check_graph_weights(graph)
+
+  dtype = jnp.dtype(moment_dtype) if moment_dtype is not None else (
+      jnp.promote_types(tokens.dtype, jnp.float32))
+  h = tokens.astype(dtype)
+  if graph is not None:
+    a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
+    h = propagate(a_hat, h, precision)
+  hc, n = center(h, mask, dtype=dtype)
+  m2 = checkpoint_name(centered_moment(hc, n, eps, precision=precision), "moment")
+
+  sqrt = lambda m: sqrtm_newton_schulz(
+      m, isqrt_iterations, dtype=sqrt_dtype, precision=precision,
+      remat_body=remat_isqrt)
+  if isqrt_chunk is None:
+    s = sqrt(m2)
+  else:
+    s = jax.lax.map(sqrt, m2, batch_size=isqrt_chunk)
+  s = checkpoint_name(s, "sqrtm")
+
+  feats = triu_vector(s)
+  if use_third_order:
+    v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
+    feats = jnp.concatenate([feats, v3.astype(feats.dtype)], axis=-1)
+  return checkpoint_name(feats, "features")

@@ -1,0 +1,96 @@
+"""Tensor Sketch of the third-order moment.
+
+References:
+  Pham, Pagh. "Fast and Scalable Polynomial Kernels via Explicit Feature
+  Maps", KDD 2013.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.typing import Dtype
+
+
+def check_sketch_dim(sketch_dim: int) -> int:
+  """Validates the sketch length (a static Python int >= 1)."""
+  if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
+    raise ValueError(f"sketch_dim: expected an int >= 1, got {sketch_dim!r}")
+  return sketch_dim
+
+
+@functools.lru_cache(maxsize=None)
+def sketch_hashes(dim: int, sketch_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The three count-sketch hashes of SPEC section 5, drawn exactly as specified.
+
+  Returns:
+    `(h, s)`, each `[3, dim]`: bucket (int32 in `[0, sketch_dim)`) and sign
+    (float32, +-1) of each channel for the three sketches. Any
+    implementation that draws with `numpy.random.default_rng(seed)` in the
+    same order gets the same hashes.
+  """
+  rng = np.random.default_rng(seed)
+  h, s = [], []
+  for _ in range(3):
+    h.append(rng.integers(0, sketch_dim, size=dim))
+    s.append(2 * rng.integers(0, 2, size=dim) - 1)
+  h = np.stack(h).astype(np.int32)
+  s = np.stack(s).astype(np.float32)
+  h.setflags(write=False)
+  s.setflags(write=False)
+  return h, s
+
+
+def count_sketch(x: jax.Array, h: np.ndarray, s: np.ndarray, sketch_dim: int) -> jax.Array:
+  """`C(x) = sum_d s[d] x[d] e_{h[d]}` over the last axis: `[..., dim] -> [..., sketch_dim]`."""
+  out = jnp.zeros((*x.shape[:-1], sketch_dim), x.dtype)
+  return out.at[..., h].add(x * s.astype(x.dtype))
+
+
+def power_normalize(m: jax.Array, eps: float = 1e-5) -> jax.Array:
+  """Signed cube root `sign(m) ((|m| + eps)^(1/3) - eps^(1/3))`; finite gradient at 0."""
+  return jnp.sign(m) * (jnp.cbrt(jnp.abs(m) + eps) - eps ** (1.0 / 3.0))
+
+
+def tensor_sketch_moment(
+    hc: jax.Array,
+    sketch_dim: int,
+    seed: int = 0,
+    mask: jax.Array | None = None,
+    eps: float = 1e-5,
+    *,
+    dtype: Dtype | None = None,
+) -> jax.Array:
+  """Power-normalised Tensor Sketch of the third moment, SPEC section 5.
+
+  Args:
+    hc: centred tokens `[batch, tokens, dim]`, zero on padding rows.
+    sketch_dim: sketch length, a static int >= 1.
+    seed: seed of the hashes (`numpy.random.default_rng(seed)`).
+    mask: optional `[batch, tokens]` bool; only counts the valid tokens
+      (their rows of `hc` must already be zero).
+    eps: power-normalisation offset.
+    dtype: compute dtype; default `hc`'s, at least float32 (FFTs need it).
+
+  Returns:
+    `[batch, sketch_dim]` in the compute dtype.
+  """
+  check_sketch_dim(sketch_dim)
+  dtype = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(hc.dtype, jnp.float32)
+  hc = hc.astype(dtype)
+  hs, ss = sketch_hashes(hc.shape[-1], sketch_dim, seed)
+  spectrum = None
+  for h, s in zip(hs, ss):
+    f = jnp.fft.rfft(count_sketch(hc, h, s, sketch_dim), axis=-1)
+    spectrum = f if spectrum is None else spectrum * f
+  ts = jnp.fft.irfft(spectrum, n=sketch_dim, axis=-1)  # [batch, tokens, sketch]
+  if mask is None:
+    n = hc.shape[1]
+  else:
+    n = jnp.maximum(jnp.sum(mask.astype(dtype), axis=-1, keepdims=True), 1)
+  # Padding rows of hc are zero, so their sketch is zero: a plain sum is right.
+  m3 = jnp.sum(ts, axis=1) / n
+  return power_normalize(m3, eps)
