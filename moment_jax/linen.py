@@ -13,7 +13,9 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
 from moment_jax.ops import checks
-from moment_jax.ops.features import check_config, feature_size, moment_features
+from moment_jax.ops.features import (check_chunk, check_config, feature_size,
+                                     map_samples, moment_features)
+from moment_jax.ops.project import split_matmul
 from moment_jax.precision import Policy, get_policy
 from moment_jax.remat import resolve_remat
 
@@ -38,6 +40,52 @@ def width_from_features(f: int, use_third_order: bool, sketch_dim: int) -> int:
   """Inverts `feature_size`: the token width that gives `f` features."""
   tri = f - (sketch_dim if use_third_order else 0)
   return (math.isqrt(8 * tri + 1) - 1) // 2
+
+
+class Projection(nn.Module):
+  """The head's `Dense(F -> d_out)`, without copies of its weight.
+
+  Same parameters (names, shapes, initialisers) as `nn.Dense(features)` on
+  `[batch, F]` inputs; the product is `ops.split_matmul`, which keeps XLA:GPU
+  from materialising a padded copy of the `[F, d_out]` kernel. Called with
+  `chunk`, it fuses the feature pipeline into the projection: `feature_fn`
+  and the product run over `chunk` samples at a time (`lax.map`), so neither
+  the `[batch, F]` features nor their cotangent exist for the whole batch.
+  Each chunk reads the kernel once: fewer, larger chunks trade memory for speed.
+
+  Attributes:
+    features: output width.
+    dtype, param_dtype, precision: as `nn.Dense`.
+  """
+
+  features: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: PrecisionLike = None
+
+  @nn.compact
+  def __call__(self, x: jax.Array | None = None, *,
+               feature_fn: Callable[..., jax.Array] | None = None,
+               tokens: jax.Array | None = None, graph: jax.Array | None = None,
+               mask: jax.Array | None = None, in_features: int | None = None,
+               chunk: int | None = None,
+               remat: Callable[..., Any] | None = None) -> jax.Array:
+    in_features = x.shape[-1] if x is not None else in_features
+    kernel = self.param("kernel", nn.initializers.lecun_normal(),
+                        (in_features, self.features), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
+                      self.param_dtype)
+    kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
+    project = lambda f: split_matmul(f.astype(kernel.dtype), kernel, self.precision) + bias
+    if chunk is None:
+      return project(x)
+
+    def fused(t, g, m):
+      return project(feature_fn(t, g, m))
+
+    if remat is not None:
+      fused = jax.checkpoint(fused, policy=remat)
+    return map_samples(fused, chunk, tokens, graph, mask)
 
 
 class MomentHead(nn.Module):
@@ -116,6 +164,7 @@ class MomentHead(nn.Module):
     """Raises `ValueError` for a bad configuration (called on every trace)."""
     check_config(self.isqrt_iterations, self.use_third_order, self.sketch_dim)
     check_head_config(self.d_out, self.mlp, self.dropout_rate, self.d_reduce)
+    check_chunk(self.isqrt_chunk)
     if self.policy is not None:
       get_policy(self.policy)
     resolve_remat(self.remat_policy)
@@ -132,9 +181,9 @@ class MomentHead(nn.Module):
         moment_dtype=jnp.promote_types(compute, jnp.float32),
         matmul=self.precision)
 
-  def features(self, tokens: jax.Array, graph: jax.Array | None,
-               mask: jax.Array | None, policy: Policy) -> jax.Array:
-    """The pipeline of SPEC sections 1-5 under the remat policy: `[batch, F]`."""
+  def feature_fn(self, policy: Policy, outer_remat: bool = True) -> Callable[..., jax.Array]:
+    """`(tokens, graph, mask) -> [batch, F]`: the pipeline of SPEC sections 1-5
+    under this head's configuration and remat policy."""
     remat_isqrt, ckpt = resolve_remat(self.remat_policy)
     fn = functools.partial(
         moment_features,
@@ -146,11 +195,10 @@ class MomentHead(nn.Module):
         moment_dtype=policy.moment_dtype,
         sqrt_dtype=policy.moment_dtype,
         precision=policy.matmul,
-        remat_isqrt=remat_isqrt,
-        isqrt_chunk=self.isqrt_chunk)
-    if ckpt is not None:
+        remat_isqrt=remat_isqrt)
+    if ckpt is not None and outer_remat:
       fn = jax.checkpoint(fn, policy=ckpt)
-    return fn(tokens, graph, mask)
+    return fn
 
   def _check_width(self, width: int) -> None:
     if self.is_initializing():
@@ -186,8 +234,19 @@ class MomentHead(nn.Module):
     x = tokens.astype(pol.compute_dtype)
     if self.d_reduce is not None:
       x = dense(self.d_reduce, name="reduce")(x)
-    f = self.features(x, graph, mask, pol)
-    y = dense(self.d_out, name="proj")(f)
+    # The projection runs in the parameter dtype: casting its [F, d_out] kernel
+    # (151M entries at D=768) to a bf16 compute dtype would add a copy of it to
+    # the residuals and one to its gradient; casting the features is cheap.
+    proj = Projection(self.d_out, dtype=pol.param_dtype, param_dtype=pol.param_dtype,
+                      precision=pol.matmul, name="proj")
+    if self.isqrt_chunk is None:
+      y = proj(self.feature_fn(pol)(x, graph, mask))
+    else:
+      _, ckpt = resolve_remat(self.remat_policy)
+      y = proj(feature_fn=self.feature_fn(pol, outer_remat=False), tokens=x, graph=graph,
+               mask=mask, chunk=self.isqrt_chunk, remat=ckpt,
+               in_features=feature_size(x.shape[-1], self.use_third_order, self.sketch_dim))
+    y = y.astype(pol.compute_dtype)
     y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
                      dtype=pol.compute_dtype, param_dtype=pol.param_dtype,
                      name="norm")(y)

@@ -25,7 +25,8 @@ def resolve_remat(policy: str | Callable[..., Any] | None) -> tuple[bool, Callab
     policy: `None` (no recomputation); `"isqrt"` (the Newton–Schulz loop is
       recomputed in the backward pass, with a checkpointed loop body);
       `"features"` (everything before the Dense layer is recomputed; only
-      the inputs are kept); a name of `jax.checkpoint_policies`, optionally
+      the inputs are kept; the recomputed loop is checkpointed as with
+      `"isqrt"`); a name of `jax.checkpoint_policies`, optionally
       with checkpoint names for the name-based factories, e.g.
       `"save_only_these_names:moment,sqrtm"`; or a policy callable.
 
@@ -43,7 +44,9 @@ def resolve_remat(policy: str | Callable[..., Any] | None) -> tuple[bool, Callab
   if policy == "isqrt":
     return True, None
   if policy == "features":
-    return False, jax.checkpoint_policies.nothing_saveable
+    # Recompute everything; inside that recomputation the loop is rematted
+    # too, so a chunk's backward holds one matrix per iteration.
+    return True, jax.checkpoint_policies.nothing_saveable
   name, _, args = policy.partition(":")
   valid = _jax_policy_names()
   if name not in valid:

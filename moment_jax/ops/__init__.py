@@ -3,6 +3,7 @@
 from moment_jax.ops.checks import check_inputs, check_values
 from moment_jax.ops.features import feature_size, moment_features
 from moment_jax.ops.graph import grid_graph, normalize_graph, propagate
+from moment_jax.ops.project import contraction_pieces, split_matmul
 from moment_jax.ops.moment import center, centered_moment, second_moment
 from moment_jax.ops.sketch import (count_sketch, power_normalize, sketch_hashes,
                                    tensor_sketch_moment)
@@ -24,6 +25,8 @@ __all__ = [
     "propagate",
     "second_moment",
     "sketch_hashes",
+    "split_matmul",
+    "contraction_pieces",
     "sqrtm_newton_schulz",
     "tensor_sketch_moment",
     "triu_flat_indices",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
@@ -62,10 +65,12 @@ def moment_features(
     sqrt_dtype: dtype of the Newton–Schulz operands and state; default: the
       moment's. Trace and scaling stay in float32 or wider.
     precision: matmul precision of every product.
-    remat_isqrt: checkpoint the Newton–Schulz loop body (see
-      `sqrtm_newton_schulz`).
-    isqrt_chunk: compute the square root over the batch in chunks of this
-      many samples (`lax.map` with `batch_size`), bounding its workspace.
+    remat_isqrt: recompute the Newton–Schulz loop in the backward pass, with
+      a checkpointed loop body (one matrix per step in flight).
+    isqrt_chunk: run the per-sample pipeline (propagation, moment, square
+      root, triangle, sketch) over the batch in chunks of this many samples
+      (`lax.map` with `batch_size`), so its workspace stops growing with the
+      batch.
     check_values: also check values (finite tokens, non-negative graph, no
       all-padding mask row); costs a device-to-host sync.
 
@@ -82,14 +87,54 @@ def moment_features(
   """
   checks.check_inputs(tokens, graph, mask)
   check_config(isqrt_iterations, use_third_order, sketch_dim)
-  if isqrt_chunk is not None and (isinstance(isqrt_chunk, bool)
-                                  or not isinstance(isqrt_chunk, int) or isqrt_chunk < 1):
-    raise ValueError(f"isqrt_chunk: expected None or an int >= 1, got {isqrt_chunk!r}")
+  check_chunk(isqrt_chunk)
   if check_values:
     checks.check_values(tokens, graph, mask)
   else:
     checks.check_graph_weights(graph)
+  fn = functools.partial(
+      _features, isqrt_iterations=isqrt_iterations, use_third_order=use_third_order,
+      sketch_dim=sketch_dim, sketch_seed=sketch_seed, eps=eps, moment_dtype=moment_dtype,
+      sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt)
+  if isqrt_chunk is None:
+    return fn(tokens, graph, mask)
+  return map_samples(fn, isqrt_chunk, tokens, graph, mask)
 
+
+def check_chunk(chunk: int | None) -> None:
+  """Validates `isqrt_chunk` (None or a static int >= 1)."""
+  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                            or chunk < 1):
+    raise ValueError(f"isqrt_chunk: expected None or an int >= 1, got {chunk!r}")
+
+
+def map_samples(
+    fn: Callable[..., jax.Array],
+    chunk: int,
+    tokens: jax.Array,
+    graph: jax.Array | None,
+    mask: jax.Array | None,
+) -> jax.Array:
+  """`fn(tokens, graph, mask)` on `chunk` samples at a time (`lax.map`).
+
+  `fn` takes a batch `[b, tokens, dim]` (with the matching graph and mask)
+  and returns `[b, ...]`. A shared `[tokens, tokens]` graph is closed over,
+  not sliced. The workspace of `fn` is that of `chunk` samples whatever the
+  batch; pair it with `jax.checkpoint` on `fn` to bound the residuals too.
+  """
+  shared = graph is not None and graph.ndim == 2
+  xs = (tokens, None if shared else graph, mask)
+
+  def one(x):
+    t, g, m = x
+    g = graph if shared else (None if g is None else g[None])
+    return fn(t[None], g, None if m is None else m[None])[0]
+
+  return jax.lax.map(one, xs, batch_size=chunk)
+
+
+def _features(tokens, graph, mask, *, isqrt_iterations, use_third_order, sketch_dim,
+              sketch_seed, eps, moment_dtype, sqrt_dtype, precision, remat_isqrt):
   dtype = jnp.dtype(moment_dtype) if moment_dtype is not None else (
       jnp.promote_types(tokens.dtype, jnp.float32))
   h = tokens.astype(dtype)
@@ -97,16 +142,17 @@ def moment_features(
     a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
     h = propagate(a_hat, h, precision)
   hc, n = center(h, mask, dtype=dtype)
-  m2 = checkpoint_name(centered_moment(hc, n, eps, precision=precision), "moment")
+  # The moment is stored in the square root's dtype: bf16 policies keep a
+  # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
+  m2 = centered_moment(hc, n, eps, precision=precision,
+                       accumulate=sqrt_dtype if sqrt_dtype is not None else None)
+  m2 = checkpoint_name(m2, "moment")
 
-  sqrt = lambda m: sqrtm_newton_schulz(
-      m, isqrt_iterations, dtype=sqrt_dtype, precision=precision,
-      remat_body=remat_isqrt)
-  if isqrt_chunk is None:
-    s = sqrt(m2)
-  else:
-    s = jax.lax.map(sqrt, m2, batch_size=isqrt_chunk)
-  s = checkpoint_name(s, "sqrtm")
+  sqrt = functools.partial(sqrtm_newton_schulz, iterations=isqrt_iterations,
+                           dtype=sqrt_dtype, precision=precision, remat_body=remat_isqrt)
+  if remat_isqrt:  # keep only the moment; the backward re-runs the loop
+    sqrt = jax.checkpoint(sqrt, policy=jax.checkpoint_policies.nothing_saveable)
+  s = checkpoint_name(sqrt(m2), "sqrtm")
 
   feats = triu_vector(s)
   if use_third_order:

@@ -58,11 +58,11 @@ def centered_moment(
     n: valid tokens per sample, `[batch]`.
     eps: ridge on the diagonal; makes the result positive definite.
     precision: matmul precision.
-    accumulate: accumulation dtype of the product (`preferred_element_type`);
-      default: `hc`'s dtype, at least float32.
+    accumulate: dtype of the result (`preferred_element_type`); default:
+      `hc`'s dtype, at least float32. GEMMs accumulate in float32 either way.
 
   Returns:
-    `[batch, dim, dim]` symmetric positive definite, in the accumulation dtype.
+    `[batch, dim, dim]` symmetric positive definite, in the `accumulate` dtype.
   """
   acc = stage_dtype(hc, accumulate)
   m2 = jnp.einsum("bnd,bne->bde", hc, hc, precision=precision,

@@ -73,13 +73,14 @@ def tensor_sketch_moment(
     mask: optional `[batch, tokens]` bool; only counts the valid tokens
       (their rows of `hc` must already be zero).
     eps: power-normalisation offset.
-    dtype: compute dtype; default `hc`'s, at least float32 (FFTs need it).
+    dtype: compute dtype, raised to at least float32 (FFTs need it).
 
   Returns:
     `[batch, sketch_dim]` in the compute dtype.
   """
   check_sketch_dim(sketch_dim)
-  dtype = jnp.dtype(dtype) if dtype is not None else jnp.promote_types(hc.dtype, jnp.float32)
+  # FFTs exist for float32 and float64 only: bfloat16 policies sketch in float32.
+  dtype = jnp.promote_types(dtype if dtype is not None else hc.dtype, jnp.float32)
   hc = hc.astype(dtype)
   hs, ss = sketch_hashes(hc.shape[-1], sketch_dim, seed)
   spectrum = None

@@ -15,28 +15,31 @@ import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
 
-def _mm(a, b, precision, acc):
-  return jnp.matmul(a, b, precision=precision, preferred_element_type=acc)
+def _mm(a, b, precision, out=None):
+  # GPU GEMMs accumulate bf16 operands in float32 whatever the output dtype,
+  # so writing the product in the operands' dtype loses nothing more.
+  return jnp.matmul(a, b, precision=precision, preferred_element_type=out)
 
 
 def newton_schulz_step(
-    y: jax.Array,
     z: jax.Array,
+    a: jax.Array,
     precision: PrecisionLike = None,
-) -> tuple[jax.Array, jax.Array]:
-  """One coupled step: `T = (3I - Z Y) / 2;  Y <- Y T;  Z <- T Z`.
+) -> jax.Array:
+  """One coupled step, carried by `Z` alone: `Y = A Z;  T = (3I - Z Y) / 2;  Z <- T Z`.
 
-  `Y -> A^{1/2}` and `Z -> A^{-1/2}` quadratically for `||I - A|| < 1`. All
-  three are polynomials in `A`, so they commute: `Y T` and `T Z = Z T` are one
-  batched product of the stacked `[Y; Z]` with `T`. Products accumulate in
-  float32 (or wider) and are cast back to the operands' dtype.
+  SPEC's coupled iteration keeps `Y = A Z` at every step (true after the
+  first step, and `Y T = A Z T = A (T Z)` because all iterates are
+  polynomials in `A` and commute), so `Z` determines the state: a
+  checkpointed loop keeps one matrix per step instead of two, for the same
+  three products per step. Products are written in the operands' dtype
+  (GEMMs accumulate bf16 operands in float32).
   """
-  dtype = y.dtype
-  acc = jnp.promote_types(dtype, jnp.float32)
-  eye = jnp.eye(y.shape[-1], dtype=acc)
-  t = (0.5 * (3.0 * eye - _mm(z, y, precision, acc))).astype(dtype)
-  yz = _mm(jnp.stack([y, z]), t, precision, acc).astype(dtype)
-  return yz[0], yz[1]
+  dtype = z.dtype
+  eye = jnp.eye(z.shape[-1], dtype=dtype)
+  y = _mm(a, z, precision)
+  t = 0.5 * (3.0 * eye - _mm(z, y, precision))
+  return _mm(t, z, precision)
 
 
 def _check_square(m: jax.Array, name: str = "m") -> None:
@@ -63,10 +66,11 @@ def sqrtm_newton_schulz(
 ) -> jax.Array:
   """Approximate square root of SPD matrices by `iterations` coupled steps.
 
-  SPEC section 3: `A = M / tr(M)`, `K - 1` coupled steps (the first and the
+  SPEC section 3: `A = M / tr(M)`, `K` coupled steps (the first and the
   last specialised), `S = sqrt(tr M) * Y`; `3K - 3` matrix products for
   `K >= 2`, a single one for `K = 1`. The middle `K - 2` steps run in a
-  `lax.fori_loop` with a static trip count.
+  `lax.fori_loop` with a static trip count, carrying `Z` (see
+  `newton_schulz_step`); the result is SPEC's polynomial in `A`.
 
   Args:
     m: `[..., dim, dim]` symmetric positive definite.
@@ -74,8 +78,8 @@ def sqrtm_newton_schulz(
     dtype: dtype of the iteration's operands and state; default `m`'s, at
       least float32. The trace and the final scale stay in float32 or wider.
     precision: matmul precision.
-    remat_body: checkpoint the loop body, so reverse mode keeps only the
-      carried state per step and recomputes the rest in the backward pass.
+    remat_body: checkpoint the loop body, so reverse mode keeps one matrix
+      (`Z`) per step and recomputes the rest in the backward pass.
 
   Returns:
     `[..., dim, dim]` approximation of `m^{1/2}`, in `dtype`.
@@ -88,19 +92,19 @@ def sqrtm_newton_schulz(
   acc = jnp.promote_types(m.dtype, jnp.float32)
   dtype = jnp.dtype(dtype) if dtype is not None else acc
   eye = jnp.eye(m.shape[-1], dtype=acc)
-  m = m.astype(acc)
+  m = m.astype(acc)  # trace and scaling in float32 or wider
   t = jnp.trace(m, axis1=-2, axis2=-1)[..., None, None]  # > 0: M has eps * I
   a = m / t
   if k == 1:
-    y = 0.5 * _mm(a.astype(dtype), (3.0 * eye - a).astype(dtype), precision, acc)
+    y = 0.5 * _mm(a.astype(dtype), (3.0 * eye - a).astype(dtype), precision)
   else:
-    tt = (0.5 * (3.0 * eye - a)).astype(dtype)
-    y = _mm(a.astype(dtype), tt, precision, acc).astype(dtype)
-    z = tt
-    step = functools.partial(newton_schulz_step, precision=precision)
+    a_op = a.astype(dtype)
+    z = (0.5 * (3.0 * eye - a)).astype(dtype)  # iteration 1: T = Z, Y = A T
+    step = functools.partial(newton_schulz_step, a=a_op, precision=precision)
     if remat_body:
       step = jax.checkpoint(step)
-    y, z = jax.lax.fori_loop(0, k - 2, lambda _, c: step(*c), (y, z))
-    zy = _mm(z, y, precision, acc)
-    y = 0.5 * _mm(y, (3.0 * eye - zy).astype(dtype), precision, acc)
-  return (jnp.sqrt(t) * y).astype(dtype)
+    z = jax.lax.fori_loop(0, k - 2, lambda _, z: step(z), z)
+    y = _mm(a_op, z, precision)  # iteration K: Y only
+    zy = _mm(z, y, precision)
+    y = 0.5 * _mm(y, (3.0 * eye - zy).astype(dtype), precision)
+  return (jnp.sqrt(t) * y.astype(acc)).astype(dtype)
