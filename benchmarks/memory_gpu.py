@@ -69,8 +69,10 @@ def main():
              dict(remat_policy="isqrt", isqrt_chunk=4)]
   grid = [(b, tg, kw) for kw in configs for b in (4, 64) for tg in (False, True)]
   ks = [(4, True, dict(remat_policy="isqrt", isqrt_iterations=k)) for k in range(2, 9)]
-  bf = [(b, True, dict(kw, policy=p)) for b in (4, 64) for p in ("float32", "bfloat16")
-        for kw in (dict(), dict(remat_policy="features", isqrt_chunk=4))]
+  # consecutive (float32, bfloat16) pairs of the same batch and configuration
+  bf = [(b, True, dict(kw, policy=p)) for b in (4, 64)
+        for kw in (dict(), dict(remat_policy="features", isqrt_chunk=4))
+        for p in ("float32", "bfloat16")]
   bf += [(4, False, dict(policy=p)) for p in ("float32", "bfloat16")]
   with ThreadPoolExecutor(args.jobs) as pool:
     res = list(pool.map(peaks, grid + ks + bf))
