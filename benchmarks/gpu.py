@@ -119,13 +119,16 @@ def torch_times(preset, b, precision, compiled):
   import torch
   from moment_jax import torch_reference as tr
   dev = torch.device("cuda")
+  # Each row is its own graph: without a reset dynamo hits its recompile
+  # limit after a few rows and silently falls back to eager.
+  torch._dynamo.reset()
   torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
   torch.backends.cudnn.allow_tf32 = precision == "tf32"
   torch.set_float32_matmul_precision("high" if precision == "tf32" else "highest")
   model = tr.MomentHead.from_preset(preset, D, dropout_rate=0.0).to(dev).train()
   graph = torch.as_tensor(grid_graph(SIDE, SIDE), device=dev)
   tokens = torch.randn(b, N, D, device=dev, requires_grad=True)
-  fn = torch.compile(model) if compiled else model
+  fn = torch.compile(model, dynamic=False) if compiled else model
   auto = torch.autocast("cuda", dtype=torch.bfloat16, enabled=precision == "bfloat16")
 
   def run_fwd():
