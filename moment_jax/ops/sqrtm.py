@@ -26,20 +26,20 @@ def newton_schulz_step(
     a: jax.Array,
     precision: PrecisionLike = None,
 ) -> jax.Array:
-  """One coupled step, carried by `Z` alone: `Y = A Z;  T = (3I - Z Y) / 2;  Z <- T Z`.
+  """One coupled step, carried by `Z` alone: `Y = A Z;  Z <- 1.5 Z - 0.5 (Z Y) Z`.
 
-  SPEC's coupled iteration keeps `Y = A Z` at every step (true after the
-  first step, and `Y T = A Z T = A (T Z)` because all iterates are
-  polynomials in `A` and commute), so `Z` determines the state: a
-  checkpointed loop keeps one matrix per step instead of two, for the same
-  three products per step. Products are written in the operands' dtype
-  (GEMMs accumulate bf16 operands in float32).
+  That is SPEC's `T = (3I - Z Y) / 2;  Z <- T Z`, written so that no `T` is
+  formed: the update is a product plus a scaled matrix, which XLA folds into
+  the GEMM's epilogue (`alpha * A B + beta * C`). SPEC's coupled iteration
+  keeps `Y = A Z` at every step (true after the first step, and
+  `Y T = A Z T = A (T Z)` because all iterates are polynomials in `A` and
+  commute), so `Z` determines the state: a checkpointed loop keeps one
+  matrix per step instead of two, for the same three products per step.
+  Products are written in the operands' dtype (GEMMs accumulate bf16
+  operands in float32).
   """
-  dtype = z.dtype
-  eye = jnp.eye(z.shape[-1], dtype=dtype)
   y = _mm(a, z, precision)
-  t = 0.5 * (3.0 * eye - _mm(z, y, precision))
-  return _mm(t, z, precision)
+  return 1.5 * z - 0.5 * _mm(_mm(z, y, precision), z, precision)
 
 
 def _check_square(m: jax.Array, name: str = "m") -> None:
@@ -99,12 +99,11 @@ def sqrtm_newton_schulz(
     y = 0.5 * _mm(a.astype(dtype), (3.0 * eye - a).astype(dtype), precision)
   else:
     a_op = a.astype(dtype)
-    z = (0.5 * (3.0 * eye - a)).astype(dtype)  # iteration 1: T = Z, Y = A T
+    z = (1.5 * eye - 0.5 * a).astype(dtype)  # iteration 1: Z = T, Y = A T
     step = functools.partial(newton_schulz_step, a=a_op, precision=precision)
     if remat_body:
       step = jax.checkpoint(step)
     z = jax.lax.fori_loop(0, k - 2, lambda _, z: step(z), z)
-    y = _mm(a_op, z, precision)  # iteration K: Y only
-    zy = _mm(z, y, precision)
-    y = 0.5 * _mm(y, (3.0 * eye - zy).astype(dtype), precision)
+    y = _mm(a_op, z, precision)  # iteration K, Y only: 1.5 Y - 0.5 Y (Z Y)
+    y = 1.5 * y - 0.5 * _mm(y, _mm(z, y, precision), precision)
   return (jnp.sqrt(t) * y.astype(acc)).astype(dtype)
