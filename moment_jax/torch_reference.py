@@ -137,9 +137,9 @@ class MomentHead(nn.Module):
     self.register_buffer("triu_flat", rows * width + cols, persistent=False)
     if use_third_order:
       h, s = sketch_hashes(width, sketch_dim, sketch_seed)
-      self.register_buffer("sketch_h", torch.as_tensor(h, dtype=torch.long),
+      self.register_buffer("sketch_h", torch.tensor(np.array(h), dtype=torch.long),
                            persistent=False)
-      self.register_buffer("sketch_s", torch.as_tensor(s), persistent=False)
+      self.register_buffer("sketch_s", torch.tensor(np.array(s)), persistent=False)
 
     layers: list[nn.Module] = [
         nn.Linear(feature_size(width, use_third_order, sketch_dim), d_out),
