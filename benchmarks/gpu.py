@@ -35,7 +35,6 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from moment_jax import MomentHead, feature_size, grid_graph, steps
 
@@ -146,7 +145,6 @@ def torch_times(preset, b, precision, compiled):
   sync = torch.cuda.synchronize
   t_step = timeit(run_step, sync)
   t_fwd = timeit(run_fwd, sync)
-  del model, fn
   torch.cuda.empty_cache()
   return t_fwd, t_step
 

@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from moment_jax import MomentHead, grid_graph, memory, moment_features, steps
+from moment_jax import MomentHead, grid_graph, memory, moment_features
 
 MB, MIB = 1e6, 2 ** 20
 N, D = 196, 768

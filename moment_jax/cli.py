@@ -168,14 +168,12 @@ def format_memory(rows: list[dict[str, Any]], header: str) -> str:
           ("residuals_mb", ">9.2f", "resid."), ("step_temp_mb", ">10.2f", "step temp"),
           ("forward_act_mb", ">9.2f", "fwd act"), ("step_act_mb", ">9.2f", "step act"),
           ("bill_mb", ">9.1f", "bill"), ("seed_mb", ">14", "seed (PyTorch)")]
-  fmt = lambda v, f: format(v, f) if v != "" else format("", f[:2].replace(".", ""))
   out = [header]
   for scenario in (False, True):
     out.append("")
     out.append("tokens WITH gradient (a backbone below: the real training case)" if scenario
                else "tokens WITHOUT gradient (the seed's own scenario: the head alone)")
-    out.append(" ".join(format(t, f.split(".")[0].rstrip("f").replace("<", "<").replace(">", ">"))
-                        for _, f, t in cols))
+    out.append(" ".join(format(t, f.split(".")[0].rstrip("f")) for _, f, t in cols))
     for r in rows:
       if r["token_grad"] != scenario:
         continue

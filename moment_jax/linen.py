@@ -14,8 +14,8 @@ from flax.typing import Dtype, PrecisionLike
 from moment_jax import presets
 from moment_jax.ops import checks
 from moment_jax.ops.features import (check_chunk, check_config, feature_size,
-                                     map_samples, moment_features)
-from moment_jax.ops.project import split_matmul
+                                     moment_features)
+from moment_jax.ops.project import project
 from moment_jax.precision import Policy, get_policy
 from moment_jax.remat import resolve_remat
 
@@ -76,16 +76,8 @@ class Projection(nn.Module):
     bias = self.param("bias", nn.initializers.zeros_init(), (self.features,),
                       self.param_dtype)
     kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=self.dtype)
-    project = lambda f: split_matmul(f.astype(kernel.dtype), kernel, self.precision) + bias
-    if chunk is None:
-      return project(x)
-
-    def fused(t, g, m):
-      return project(feature_fn(t, g, m))
-
-    if remat is not None:
-      fused = jax.checkpoint(fused, policy=remat)
-    return map_samples(fused, chunk, tokens, graph, mask)
+    return project(x, kernel, bias, precision=self.precision, feature_fn=feature_fn,
+                   tokens=tokens, graph=graph, mask=mask, chunk=chunk, remat=remat)
 
 
 class MomentHead(nn.Module):
@@ -156,9 +148,9 @@ class MomentHead(nn.Module):
   check_values: bool = False
 
   @classmethod
-  def from_preset(cls, name: str, **overrides: Any) -> "MomentHead":
+  def from_preset(cls, preset_name: str, /, **overrides: Any) -> "MomentHead":
     """A head configured as preset `name` (see `moment_jax.presets`), with overrides."""
-    return cls(**{**presets.preset(name), **overrides})
+    return cls(**{**presets.preset(preset_name), **overrides})
 
   def validate(self) -> None:
     """Raises `ValueError` for a bad configuration (called on every trace)."""

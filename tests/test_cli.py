@@ -4,8 +4,6 @@ import json
 import subprocess
 import sys
 
-import pytest
-
 from moment_jax import cli
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax.typing import PrecisionLike
+
+from moment_jax.ops.features import map_samples
 
 # Below this many contraction terms the plain product is used.
 MIN_SPLIT = 1 << 14
@@ -67,3 +70,39 @@ def split_matmul(
   if contraction_pieces(w.shape[0]) == 1:
     return jnp.matmul(x, w, precision=precision)
   return _split_matmul_remat(x, w, precision)
+
+
+def project(
+    x: jax.Array | None,
+    kernel: jax.Array,
+    bias: jax.Array,
+    *,
+    precision: PrecisionLike = None,
+    feature_fn: Callable[..., jax.Array] | None = None,
+    tokens: jax.Array | None = None,
+    graph: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    chunk: int | None = None,
+    remat: Callable[..., Any] | None = None,
+) -> jax.Array:
+  """The head's projection `x @ kernel + bias`, optionally fused with its features.
+
+  Without `chunk`: `split_matmul(x, kernel) + bias` for `x` `[batch, F]`.
+  With `chunk`: `feature_fn(tokens, graph, mask) @ kernel + bias` over `chunk`
+  samples at a time (`map_samples`), under `jax.checkpoint(policy=remat)`
+  when `remat` is given, so neither the `[batch, F]` features nor their
+  cotangent exist for the whole batch. Each chunk reads the kernel once.
+
+  Returns:
+    `[batch, d_out]` in the kernel's dtype.
+  """
+  proj = lambda f: split_matmul(f.astype(kernel.dtype), kernel, precision) + bias
+  if chunk is None:
+    return proj(x)
+
+  def fused(t, g, m):
+    return proj(feature_fn(t, g, m))
+
+  if remat is not None:
+    fused = jax.checkpoint(fused, policy=remat)
+  return map_samples(fused, chunk, tokens, graph, mask)
