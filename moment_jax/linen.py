@@ -13,8 +13,7 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
 from moment_jax.ops import checks
-from moment_jax.ops.features import (check_chunk, check_config, feature_size,
-                                     moment_features)
+from moment_jax.ops.features import check_chunk, check_config, feature_size, pipeline
 from moment_jax.ops.project import project
 from moment_jax.precision import Policy, get_policy
 from moment_jax.remat import resolve_remat
@@ -39,6 +38,8 @@ def check_head_config(d_out: int, mlp: str, dropout_rate: float,
 def width_from_features(f: int, use_third_order: bool, sketch_dim: int) -> int:
   """Inverts `feature_size`: the token width that gives `f` features."""
   tri = f - (sketch_dim if use_third_order else 0)
+  if tri < 1:  # no width fits: report a mismatch rather than fail in isqrt
+    return -1
   return (math.isqrt(8 * tri + 1) - 1) // 2
 
 
@@ -178,7 +179,7 @@ class MomentHead(nn.Module):
     under this head's configuration and remat policy."""
     remat_isqrt, ckpt = resolve_remat(self.remat_policy)
     fn = functools.partial(
-        moment_features,
+        pipeline,
         isqrt_iterations=self.isqrt_iterations,
         use_third_order=self.use_third_order,
         sketch_dim=self.sketch_dim,
@@ -213,12 +214,8 @@ class MomentHead(nn.Module):
                mask: jax.Array | None = None, *, train: bool) -> jax.Array:
     """Applies the head: `[batch, tokens, dim]` -> `[batch, d_out]`."""
     self.validate()
-    checks.check_inputs(tokens, graph, mask)
+    checks.check_call(tokens, graph, mask, values=self.check_values)
     self._check_width(tokens.shape[-1])
-    if self.check_values:
-      checks.check_values(tokens, graph, mask)
-    else:
-      checks.check_graph_weights(graph)
     pol = self.resolved_policy(tokens.dtype)
     dense = functools.partial(nn.Dense, dtype=pol.compute_dtype,
                               param_dtype=pol.param_dtype, precision=pol.matmul)

@@ -219,15 +219,11 @@ class MomentHead(nnx.Module):
     """Applies the head: `[batch, tokens, dim]` -> `[batch, d_out]`."""
     spec = self.linen_module()
     spec.validate()
-    checks.check_inputs(tokens, graph, mask)
+    checks.check_call(tokens, graph, mask, values=self.check_values)
     if tokens.shape[-1] != self.d_in:
       raise ValueError(
           f"tokens: width (last axis) {tokens.shape[-1]} differs from d_in={self.d_in} "
           f"the parameters were built for")
-    if self.check_values:
-      checks.check_values(tokens, graph, mask)
-    else:
-      checks.check_graph_weights(graph)
     pol = spec.resolved_policy(tokens.dtype)
 
     x = tokens.astype(pol.compute_dtype)

@@ -8,8 +8,12 @@ import jax
 
 # Policies that trade recomputation for memory in the moment pipeline itself.
 PIPELINE_POLICIES = ("isqrt", "features")
-# Factories of jax.checkpoint_policies that take checkpoint names.
+# Factories of jax.checkpoint_policies that take checkpoint names; the other
+# factories (offloading, combining policies) need arguments a string cannot
+# carry: pass the policy they build as a callable.
 _NAMED_FACTORIES = ("save_only_these_names", "save_any_names_but_these",
+                    "save_anything_except_these_names")
+_OTHER_FACTORIES = ("offload_dot_with_no_batch_dims", "save_and_offload_only_these_names",
                     "save_from_both_policies")
 CHECKPOINT_NAMES = ("moment", "sqrtm", "features")
 
@@ -55,6 +59,10 @@ def resolve_remat(policy: str | Callable[..., Any] | None) -> tuple[bool, Callab
         f"{', '.join(repr(p) for p in PIPELINE_POLICIES)}, a callable, or a name of "
         f"jax.checkpoint_policies: {', '.join(valid)}")
   fn = getattr(jax.checkpoint_policies, name)
+  if name in _OTHER_FACTORIES:
+    raise ValueError(
+        f"remat_policy: {name!r} builds a policy from arguments; pass "
+        f"jax.checkpoint_policies.{name}(...) itself as remat_policy")
   if name in _NAMED_FACTORIES:
     names = [a.strip() for a in args.split(",") if a.strip()]
     bad = [n for n in names if n not in CHECKPOINT_NAMES]

@@ -58,6 +58,17 @@ def check_inputs(tokens: Any, graph: Any = None, mask: Any = None) -> None:
     check_mask(mask, batch, n)
 
 
+def check_call(tokens: Any, graph: Any = None, mask: Any = None,
+               values: bool = False) -> None:
+  """Everything checked on a call: shapes always; with `values` the opt-in
+  value checks, else only the graph's signs when it is concrete."""
+  check_inputs(tokens, graph, mask)
+  if values:
+    check_values(tokens, graph, mask)
+  else:
+    check_graph_weights(graph)
+
+
 def _is_concrete(*xs: Any) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 

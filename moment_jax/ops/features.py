@@ -85,15 +85,11 @@ def moment_features(
     >>> f.shape
     (2, 2080)
   """
-  checks.check_inputs(tokens, graph, mask)
+  checks.check_call(tokens, graph, mask, values=check_values)
   check_config(isqrt_iterations, use_third_order, sketch_dim)
   check_chunk(isqrt_chunk)
-  if check_values:
-    checks.check_values(tokens, graph, mask)
-  else:
-    checks.check_graph_weights(graph)
   fn = functools.partial(
-      _features, isqrt_iterations=isqrt_iterations, use_third_order=use_third_order,
+      pipeline, isqrt_iterations=isqrt_iterations, use_third_order=use_third_order,
       sketch_dim=sketch_dim, sketch_seed=sketch_seed, eps=eps, moment_dtype=moment_dtype,
       sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt)
   if isqrt_chunk is None:
@@ -133,8 +129,23 @@ def map_samples(
   return jax.lax.map(one, xs, batch_size=chunk)
 
 
-def _features(tokens, graph, mask, *, isqrt_iterations, use_third_order, sketch_dim,
-              sketch_seed, eps, moment_dtype, sqrt_dtype, precision, remat_isqrt):
+def pipeline(
+    tokens: jax.Array,
+    graph: jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    isqrt_iterations: int,
+    use_third_order: bool,
+    sketch_dim: int,
+    sketch_seed: int,
+    eps: float,
+    moment_dtype: Dtype | None,
+    sqrt_dtype: Dtype | None,
+    precision: PrecisionLike,
+    remat_isqrt: bool,
+) -> jax.Array:
+  """`moment_features` without its checks, for callers that made them once
+  (the heads check a call's inputs before their remat and chunk wrappers)."""
   dtype = jnp.dtype(moment_dtype) if moment_dtype is not None else (
       jnp.promote_types(tokens.dtype, jnp.float32))
   h = tokens.astype(dtype)
