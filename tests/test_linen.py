@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import reference as ref
+from helpers import head_grads
 from moment_jax import MomentHead, PRESET_NAMES, feature_size, grid_graph, preset
 
 B, N, D = 3, 9, 6
@@ -177,16 +178,8 @@ def test_value_checks_opt_in():
 # -- degenerate but valid input --------------------------------------------------
 
 def _finite_everywhere(head, x, graph=None, mask=None):
-  v = init(head, x, graph, mask)
-
-  def loss(params, t):
-    out, _ = head.apply({"params": params, "batch_stats": v["batch_stats"]}, t, graph, mask,
-                        train=True, rngs={"dropout": jax.random.key(0)},
-                        mutable=["batch_stats"])
-    return jnp.sum(out ** 2), out
-
-  (l, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(v["params"], x)
-  chex.assert_tree_all_finite((l, out, grads))
+  out, grads = head_grads(head, init(head, x, graph, mask), x, graph, mask)
+  chex.assert_tree_all_finite((jnp.sum(out ** 2), out, grads))
 
 
 CASES = {

@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+from helpers import head_grads
 from moment_jax import MomentHead, grid_graph, memory, ops, steps
 from moment_jax.linen import Projection
 from moment_jax.remat import resolve_remat
@@ -28,13 +29,7 @@ def tokens(seed=0, shape=(B, N, D)):
 
 
 def grads(head, v, x, mask=None):
-  def loss(params, t):
-    out, _ = head.apply({"params": params, "batch_stats": v["batch_stats"]}, t, G, mask,
-                        train=True, rngs={"dropout": jax.random.key(1)},
-                        mutable=["batch_stats"])
-    return jnp.sum(out ** 2), out
-  (_, out), g = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(v["params"], x)
-  return out, g
+  return head_grads(head, v, x, G, mask, key=1)
 
 
 REMATS = [None, "isqrt", "features", "save_only_these_names:moment,sqrtm", "dots_saveable",
