@@ -89,6 +89,10 @@ class MomentHead(nn.Module):
     d_out: output width.
     use_third_order: append the Tensor Sketch of the third moment.
     isqrt_iterations: Newton–Schulz steps (>= 1).
+    isqrt_normalization: "trace" (the original's) or "frobenius" (same cost,
+      closer to the exact root at few iterations; docs/numerics.md).
+    isqrt_method: "newton_schulz" or "eigh" (the exact root: evaluation and
+      reference; much slower on GPU).
     sketch_dim: Tensor Sketch length (with the third order).
     eps: ridge of the moment, degree floor and power-normalisation offset.
     mlp: "single" (Dense, BatchNorm, GELU, Dropout) or "double" (and a
@@ -110,8 +114,11 @@ class MomentHead(nn.Module):
       `moment_jax.remat.resolve_remat`.
     isqrt_chunk: compute the square root over the batch in chunks of this
       many samples, bounding its workspace.
-    check_values: check finite tokens, non-negative graph and non-empty mask
-      rows (a host sync per call).
+    check_values: check finite tokens, non-negative graph, non-empty mask
+      rows and finite results of every stage, named in the error. `True` or
+      "callback": host callbacks (a small sync per call); "checkify":
+      `checkify.check`s, for a caller wrapped in `checkify.checkify`. Off
+      (the default) adds nothing to the program.
 
   Inputs: tokens `[batch, tokens, dim]`, optional graph `[tokens, tokens]` or
   `[batch, tokens, tokens]`, optional mask `[batch, tokens]` bool. Output
@@ -134,6 +141,8 @@ class MomentHead(nn.Module):
   d_out: int = 512
   use_third_order: bool = False
   isqrt_iterations: int = 3
+  isqrt_normalization: str = "trace"
+  isqrt_method: str = "newton_schulz"
   sketch_dim: int = 1024
   eps: float = 1e-5
   mlp: str = "single"
@@ -146,7 +155,7 @@ class MomentHead(nn.Module):
   policy: str | Policy | None = None
   remat_policy: str | Callable[..., Any] | None = None  # None: fastest, most memory
   isqrt_chunk: int | None = None
-  check_values: bool = False
+  check_values: bool | str = False
 
   @classmethod
   def from_preset(cls, preset_name: str, /, **overrides: Any) -> "MomentHead":
@@ -155,9 +164,11 @@ class MomentHead(nn.Module):
 
   def validate(self) -> None:
     """Raises `ValueError` for a bad configuration (called on every trace)."""
-    check_config(self.isqrt_iterations, self.use_third_order, self.sketch_dim)
+    check_config(self.isqrt_iterations, self.use_third_order, self.sketch_dim,
+                 self.isqrt_normalization, self.isqrt_method)
     check_head_config(self.d_out, self.mlp, self.dropout_rate, self.d_reduce)
     check_chunk(self.isqrt_chunk)
+    checks.check_mode(self.check_values)
     if self.policy is not None:
       get_policy(self.policy)
     resolve_remat(self.remat_policy)
@@ -181,6 +192,8 @@ class MomentHead(nn.Module):
     fn = functools.partial(
         pipeline,
         isqrt_iterations=self.isqrt_iterations,
+        isqrt_normalization=self.isqrt_normalization,
+        isqrt_method=self.isqrt_method,
         use_third_order=self.use_third_order,
         sketch_dim=self.sketch_dim,
         sketch_seed=self.sketch_seed,
@@ -188,7 +201,8 @@ class MomentHead(nn.Module):
         moment_dtype=policy.moment_dtype,
         sqrt_dtype=policy.moment_dtype,
         precision=policy.matmul,
-        remat_isqrt=remat_isqrt)
+        remat_isqrt=remat_isqrt,
+        check=checks.check_mode(self.check_values))
     if ckpt is not None and outer_remat:
       fn = jax.checkpoint(fn, policy=ckpt)
     return fn
@@ -243,4 +257,5 @@ class MomentHead(nn.Module):
     y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
     if self.mlp == "double":
       y = dense(self.d_out, name="out")(y)
+    y = checks.check_finite(y, "output", checks.check_mode(self.check_values))
     return y.astype(pol.output_dtype)

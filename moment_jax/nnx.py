@@ -97,6 +97,8 @@ class MomentHead(nnx.Module):
     d_out: output width.
     use_third_order: append the Tensor Sketch of the third moment.
     isqrt_iterations: Newton–Schulz steps (>= 1).
+    isqrt_normalization: "trace" or "frobenius" (see the Linen head).
+    isqrt_method: "newton_schulz" or "eigh" (see the Linen head).
     sketch_dim: Tensor Sketch length (with the third order).
     eps: ridge of the moment, degree floor and power-normalisation offset.
     mlp: "single" or "double" (a second Dense d_out -> d_out).
@@ -112,7 +114,8 @@ class MomentHead(nnx.Module):
       name or a policy callable (`moment_jax.remat.resolve_remat`).
     isqrt_chunk: run the feature pipeline and projection over this many
       samples at a time.
-    check_values: check finite tokens, non-negative graph, non-empty masks.
+    check_values: False, True / "callback" or "checkify": value checks of the
+      inputs and every stage (see the Linen head).
     rngs: `params` stream for the weights, `dropout` stream for dropout.
 
   Inputs: tokens `[batch, tokens, dim]`, optional graph `[tokens, tokens]` or
@@ -141,6 +144,8 @@ class MomentHead(nnx.Module):
       d_out: int = 512,
       use_third_order: bool = False,
       isqrt_iterations: int = 3,
+      isqrt_normalization: str = "trace",
+      isqrt_method: str = "newton_schulz",
       sketch_dim: int = 1024,
       eps: float = 1e-5,
       mlp: str = "single",
@@ -153,7 +158,7 @@ class MomentHead(nnx.Module):
       policy: str | Policy | None = None,
       remat_policy: str | Callable[..., Any] | None = None,  # None: fastest, most memory
       isqrt_chunk: int | None = None,
-      check_values: bool = False,
+      check_values: bool | str = False,
       rngs: nnx.Rngs,
   ):
     if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
@@ -162,6 +167,8 @@ class MomentHead(nnx.Module):
     self.d_out = d_out
     self.use_third_order = use_third_order
     self.isqrt_iterations = isqrt_iterations
+    self.isqrt_normalization = isqrt_normalization
+    self.isqrt_method = isqrt_method
     self.sketch_dim = sketch_dim
     self.eps = eps
     self.mlp = mlp
@@ -240,6 +247,7 @@ class MomentHead(nnx.Module):
     y = self.dropout(y)
     if self.mlp == "double":
       y = self.out(y)
+    y = checks.check_finite(y, "output", checks.check_mode(self.check_values))
     return y.astype(pol.output_dtype)
 
 

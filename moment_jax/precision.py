@@ -49,6 +49,12 @@ class Policy:
       if not jnp.issubdtype(dt, jnp.floating):
         raise ValueError(f"Policy.{f}: expected a floating dtype, got {dt}")
       object.__setattr__(self, f, dt)
+    if self.moment_dtype == jnp.float16:
+      # Squares of token entries above ~256 exceed float16's 65504: the
+      # moment would silently become inf (the PyTorch ancestors' fp16 NaNs).
+      raise ValueError(
+          "Policy.moment_dtype: float16 overflows in the second moment (max 65504, "
+          "reached by token entries of ~256); use bfloat16 (same width, float32's range)")
 
   def cast_to_param(self, tree: Any) -> Any:
     return _cast_floating(tree, self.param_dtype)

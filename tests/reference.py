@@ -41,11 +41,15 @@ def second_moment(h, mask=None, eps=1e-5):
   return np.einsum("bnd,bne->bde", hc, hc) / cnt[:, None, None] + eps * np.eye(d)
 
 
-def newton_schulz(m, k):
-  """SPEC section 3, literally, in float64."""
+def newton_schulz(m, k, normalization="trace"):
+  """SPEC section 3, literally, in float64; "frobenius" divides by ||M||_F
+  instead of tr(M) (and multiplies by its square root at the end)."""
   m = np.asarray(m, np.float64)
   eye = np.eye(m.shape[-1])
-  t = np.trace(m, axis1=-2, axis2=-1)[..., None, None]
+  if normalization == "trace":
+    t = np.trace(m, axis1=-2, axis2=-1)[..., None, None]
+  else:
+    t = np.linalg.norm(m, axis=(-2, -1))[..., None, None]
   a = m / t
   if k == 1:
     y = 0.5 * a @ (3 * eye - a)

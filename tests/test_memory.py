@@ -18,6 +18,7 @@ import pytest
 from helpers import head_grads
 from moment_jax import MomentHead, grid_graph, memory, ops, steps
 from moment_jax.linen import Projection
+from moment_jax.ops.sqrtm import Z_ONLY_MAX_ITERATIONS
 from moment_jax.remat import resolve_remat
 
 B, N, D = 3, 9, 6
@@ -78,13 +79,15 @@ def _sqrt_residuals(k, remat_body, b=2, d=8):
   return memory.residual_bytes(fn, jax.ShapeDtypeStruct((b, d, d), jnp.float32))
 
 
-def test_checkpointed_loop_keeps_one_matrix_per_iteration():
+def test_checkpointed_loop_keeps_its_state_per_iteration():
   b, d = 2, 8
   per_matrix = b * d * d * 4
-  lean = [_sqrt_residuals(k, True) for k in range(3, 9)]
-  full = [_sqrt_residuals(k, False) for k in range(3, 9)]
-  assert set(np.diff(lean)) == {per_matrix}  # Z alone per extra iteration
-  assert set(np.diff(full)) == {3 * per_matrix}  # Y, Z and T without remat
+  z_only = range(3, Z_ONLY_MAX_ITERATIONS + 1)
+  coupled = range(Z_ONLY_MAX_ITERATIONS + 1, Z_ONLY_MAX_ITERATIONS + 5)
+  assert set(np.diff([_sqrt_residuals(k, True) for k in z_only])) == {per_matrix}  # Z
+  assert set(np.diff([_sqrt_residuals(k, True) for k in coupled])) == {2 * per_matrix}  # Y, Z
+  for ks in (z_only, coupled):  # without remat: the three products' operands
+    assert set(np.diff([_sqrt_residuals(k, False) for k in ks])) == {3 * per_matrix}
 
 
 def _head_residuals(token_grad, shape=(4, 196, 768), **kw):

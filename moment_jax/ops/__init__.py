@@ -7,7 +7,8 @@ from moment_jax.ops.project import contraction_pieces, split_matmul
 from moment_jax.ops.moment import center, centered_moment, second_moment
 from moment_jax.ops.sketch import (count_sketch, power_normalize, sketch_hashes,
                                    tensor_sketch_moment)
-from moment_jax.ops.sqrtm import newton_schulz_step, sqrtm_newton_schulz
+from moment_jax.ops.sqrtm import (coupled_step, matrix_sqrt, newton_schulz_step, sqrtm_eigh,
+                                  sqrtm_newton_schulz)
 from moment_jax.ops.triu import triu_flat_indices, triu_size, triu_vector
 
 __all__ = [
@@ -16,8 +17,10 @@ __all__ = [
     "check_inputs",
     "check_values",
     "count_sketch",
+    "coupled_step",
     "feature_size",
     "grid_graph",
+    "matrix_sqrt",
     "moment_features",
     "newton_schulz_step",
     "normalize_graph",
@@ -27,6 +30,7 @@ __all__ = [
     "sketch_hashes",
     "split_matmul",
     "contraction_pieces",
+    "sqrtm_eigh",
     "sqrtm_newton_schulz",
     "tensor_sketch_moment",
     "triu_flat_indices",

@@ -58,13 +58,38 @@ def check_inputs(tokens: Any, graph: Any = None, mask: Any = None) -> None:
     check_mask(mask, batch, n)
 
 
+CHECK_MODES = ("callback", "checkify")
+
+
+def check_mode(values: bool | str | None) -> str | None:
+  """`check_values` as a mode: None (off), "callback" (`True` too) or "checkify".
+
+  * "callback": traced values are reduced on the device and checked on the
+    host by `jax.debug.callback`; a failure is the jitted call's runtime
+    error (a small device-to-host sync per check).
+  * "checkify": `jax.experimental.checkify.check`s, no host sync; wrap the
+    step in `checkify.checkify(step)` and call `err.throw()` (or inspect
+    `err.get()`). Without the wrapper, jit refuses to trace the checks.
+  """
+  if values is None or values is False:
+    return None
+  if values is True:
+    return "callback"
+  if values in CHECK_MODES:
+    return values
+  raise ValueError(
+      f"check_values: expected a bool, 'callback' or 'checkify', got {values!r}")
+
+
 def check_call(tokens: Any, graph: Any = None, mask: Any = None,
-               values: bool = False) -> None:
-  """Everything checked on a call: shapes always; with `values` the opt-in
-  value checks, else only the graph's signs when it is concrete."""
+               values: bool | str | None = False) -> None:
+  """Everything checked on a call: shapes always; with `values` (a
+  `check_mode`) the opt-in value checks, else only the graph's signs when it
+  is concrete."""
   check_inputs(tokens, graph, mask)
-  if values:
-    check_values(tokens, graph, mask)
+  mode = check_mode(values)
+  if mode is not None:
+    check_values(tokens, graph, mask, mode=mode)
   else:
     check_graph_weights(graph)
 
@@ -73,25 +98,41 @@ def _is_concrete(*xs: Any) -> bool:
   return not any(isinstance(x, jax.core.Tracer) for x in xs if x is not None)
 
 
-def _value_errors(tokens, graph, mask) -> list[str]:
-  """Host-side value checks on NumPy arrays; returns the error messages."""
-  errors = []
-  if tokens is not None and not np.all(np.isfinite(tokens)):
-    bad = int(np.size(tokens) - np.count_nonzero(np.isfinite(tokens)))
-    errors.append(f"tokens: expected finite values, found {bad} NaN/Inf entries")
+def _value_stats(tokens, graph, mask, xp=jnp) -> dict[str, Any]:
+  """Small reductions of the inputs that the value checks need."""
+  stats = {}
+  if tokens is not None:
+    stats["tokens_bad"] = xp.sum(~xp.isfinite(tokens))
   if graph is not None:
-    g = np.asarray(graph)
-    if np.any(g < 0):
-      errors.append(
-          f"graph: expected non-negative edge weights, found minimum {g.min()!r}")
-    if not np.all(np.isfinite(g)):
-      errors.append("graph: expected finite edge weights, found NaN/Inf")
+    stats["graph_min"] = xp.min(xp.where(xp.isnan(graph), 0, graph))
+    stats["graph_bad"] = xp.sum(~xp.isfinite(graph))
   if mask is not None:
-    empty = np.flatnonzero(~np.any(np.asarray(mask), axis=-1))
-    if empty.size:
-      errors.append(
-          f"mask: every sample needs at least one valid (True) token; "
-          f"rows {empty.tolist()[:8]} are all padding")
+    stats["mask_empty"] = ~xp.any(mask, axis=-1)
+  return stats
+
+
+_MESSAGES = {
+    "tokens_bad": "tokens: expected finite values, found {} NaN/Inf entries",
+    "graph_min": "graph: expected non-negative edge weights, found minimum {}",
+    "graph_bad": "graph: expected finite edge weights, found {} NaN/Inf entries",
+    "mask_empty": ("mask: every sample needs at least one valid (True) token; "
+                   "rows {} are all padding"),
+}
+
+
+def _failed(key: str, value: Any) -> bool:
+  return bool(np.any(value)) if key == "mask_empty" else (
+      float(value) < 0 if key == "graph_min" else int(value) > 0)
+
+
+def _value_errors(stats: dict[str, Any]) -> list[str]:
+  """Messages for the failed checks in `_value_stats` output (host values)."""
+  errors = []
+  for key, value in stats.items():
+    value = np.asarray(value)
+    if _failed(key, value):
+      shown = np.flatnonzero(value).tolist()[:8] if key == "mask_empty" else value.item()
+      errors.append(_MESSAGES[key].format(shown))
   return errors
 
 
@@ -106,23 +147,63 @@ def check_graph_weights(graph: Any) -> None:
   Cheap on host arrays; traced graphs are only checked by `check_values`.
   """
   if graph is not None and _is_concrete(graph):
-    _raise_if(_value_errors(None, graph, None))
+    g = np.asarray(graph)
+    _raise_if(_value_errors({"graph_min": np.min(np.where(np.isnan(g), 0, g))}))
 
 
-def check_values(tokens: Any, graph: Any = None, mask: Any = None) -> None:
-  """Opt-in value checks: finite tokens, non-negative graph, no empty mask row.
+def check_values(tokens: Any, graph: Any = None, mask: Any = None,
+                 mode: str = "callback") -> None:
+  """Opt-in value checks: finite tokens, non-negative finite graph, no empty
+  mask row.
 
-  Concrete inputs raise `ValueError` here. Traced inputs are checked on the
-  host when the computation runs, and the `ValueError` comes back as the
-  call's runtime error (a device-to-host sync: keep it out of hot loops).
+  Concrete inputs raise `ValueError` here. Traced inputs are reduced on the
+  device and checked when the computation runs, by `mode` (see `check_mode`).
   """
   if _is_concrete(tokens, graph, mask):
-    _raise_if(_value_errors(
+    _raise_if(_value_errors(_value_stats(
         None if tokens is None else np.asarray(tokens),
-        graph, mask))
+        None if graph is None else np.asarray(graph),
+        None if mask is None else np.asarray(mask), xp=np)))
     return
+  stats = _value_stats(tokens, graph, mask)
+  if mode == "checkify":
+    from jax.experimental import checkify
+    for key, value in stats.items():
+      ok = (~jnp.any(value) if key == "mask_empty" else
+            value >= 0 if key == "graph_min" else value == 0)
+      arg = jnp.argmax(value) if key == "mask_empty" else value
+      msg = _MESSAGES[key].replace("rows {}", "row {} and maybe others")
+      checkify.check(ok, msg, arg)
+    return
+  jax.debug.callback(lambda st: _raise_if(_value_errors(st)), stats)
 
-  def host_check(t, g, m):
-    _raise_if(_value_errors(t, g, m))
 
-  jax.debug.callback(host_check, tokens, graph, mask)
+STAGES = {
+    "propagation": "the graph-propagated tokens",
+    "moment": "the second moment",
+    "sqrtm": "the matrix square root",
+    "features": "the moment features",
+    "output": "the head's output",
+}
+
+
+def check_finite(x: jax.Array, stage: str, mode: str | None) -> jax.Array:
+  """Checks that stage `stage` (a key of `STAGES`) produced finite values.
+
+  Returns `x` unchanged; with `mode=None` nothing is added to the program.
+  The message names the stage and the count of non-finite entries.
+  """
+  if mode is None:
+    return x
+  msg = (f"{stage}: {{}} non-finite entries in {STAGES[stage]} "
+         f"(of {x.size} in this batch or chunk)")
+  bad = jnp.sum(~jnp.isfinite(x))
+  if mode == "checkify":
+    from jax.experimental import checkify
+    checkify.check(bad == 0, msg, bad)
+  else:
+    def host(b):
+      if int(b):
+        raise ValueError(msg.format(int(b)))
+    jax.debug.callback(host, bad)
+  return x

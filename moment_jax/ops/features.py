@@ -14,7 +14,8 @@ from moment_jax.ops import checks
 from moment_jax.ops.graph import normalize_graph, propagate
 from moment_jax.ops.moment import center, centered_moment
 from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
-from moment_jax.ops.sqrtm import check_iterations, sqrtm_newton_schulz
+from moment_jax.ops.sqrtm import (check_iterations, check_method, check_normalization,
+                                  matrix_sqrt)
 from moment_jax.ops.triu import triu_size, triu_vector
 
 
@@ -23,9 +24,13 @@ def feature_size(dim: int, use_third_order: bool = False, sketch_dim: int = 1024
   return triu_size(dim) + (sketch_dim if use_third_order else 0)
 
 
-def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int) -> None:
+def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int,
+                 isqrt_normalization: str = "trace",
+                 isqrt_method: str = "newton_schulz") -> None:
   """Validates the static configuration of the pipeline."""
   check_iterations(isqrt_iterations)
+  check_normalization(isqrt_normalization)
+  check_method(isqrt_method)
   if use_third_order:
     check_sketch_dim(sketch_dim)
 
@@ -36,6 +41,8 @@ def moment_features(
     mask: jax.Array | None = None,
     *,
     isqrt_iterations: int = 3,
+    isqrt_normalization: str = "trace",
+    isqrt_method: str = "newton_schulz",
     use_third_order: bool = False,
     sketch_dim: int = 1024,
     sketch_seed: int = 0,
@@ -45,7 +52,7 @@ def moment_features(
     precision: PrecisionLike = None,
     remat_isqrt: bool = False,
     isqrt_chunk: int | None = None,
-    check_values: bool = False,
+    check_values: bool | str = False,
 ) -> jax.Array:
   """Moment features of token sets: graph propagation, square-rooted
   covariance, upper triangle and optional third-order sketch.
@@ -56,6 +63,11 @@ def moment_features(
       non-negative edge weights; `None` means no propagation.
     mask: optional `[batch, tokens]` bool, `False` for padding tokens.
     isqrt_iterations: Newton–Schulz steps `K >= 1`.
+    isqrt_normalization: "trace" (SPEC's; the original's numbers) or
+      "frobenius" (same cost, closer to the exact root at small K; see
+      docs/numerics.md).
+    isqrt_method: "newton_schulz" or "eigh" (the exact root, for evaluation
+      and reference; much slower on GPU).
     use_third_order: append the Tensor Sketch of the third moment.
     sketch_dim: sketch length (only used with the third order).
     sketch_seed: seed of the sketch hashes.
@@ -71,8 +83,12 @@ def moment_features(
       root, triangle, sketch) over the batch in chunks of this many samples
       (`lax.map` with `batch_size`), so its workspace stops growing with the
       batch.
-    check_values: also check values (finite tokens, non-negative graph, no
-      all-padding mask row); costs a device-to-host sync.
+    check_values: also check values: finite tokens, non-negative graph, no
+      all-padding mask row, and finite results of each stage (propagation,
+      moment, square root, features), named in the error. `True` or
+      "callback": host callbacks (a small device-to-host sync); "checkify":
+      `checkify.check`s for a `checkify.checkify`-wrapped caller. See
+      `checks.check_mode`.
 
   Returns:
     `[batch, F]` features, `F = feature_size(dim, use_third_order,
@@ -86,12 +102,15 @@ def moment_features(
     (2, 2080)
   """
   checks.check_call(tokens, graph, mask, values=check_values)
-  check_config(isqrt_iterations, use_third_order, sketch_dim)
+  check_config(isqrt_iterations, use_third_order, sketch_dim, isqrt_normalization,
+               isqrt_method)
   check_chunk(isqrt_chunk)
   fn = functools.partial(
-      pipeline, isqrt_iterations=isqrt_iterations, use_third_order=use_third_order,
+      pipeline, isqrt_iterations=isqrt_iterations, isqrt_normalization=isqrt_normalization,
+      isqrt_method=isqrt_method, use_third_order=use_third_order,
       sketch_dim=sketch_dim, sketch_seed=sketch_seed, eps=eps, moment_dtype=moment_dtype,
-      sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt)
+      sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt,
+      check=checks.check_mode(check_values))
   if isqrt_chunk is None:
     return fn(tokens, graph, mask)
   return map_samples(fn, isqrt_chunk, tokens, graph, mask)
@@ -143,30 +162,35 @@ def pipeline(
     sqrt_dtype: Dtype | None,
     precision: PrecisionLike,
     remat_isqrt: bool,
+    isqrt_normalization: str = "trace",
+    isqrt_method: str = "newton_schulz",
+    check: str | None = None,
 ) -> jax.Array:
-  """`moment_features` without its checks, for callers that made them once
-  (the heads check a call's inputs before their remat and chunk wrappers)."""
+  """`moment_features` without its input checks, for callers that made them
+  once (the heads check a call's inputs before their remat and chunk
+  wrappers). `check` is a `checks.check_mode`: the stage checks to add."""
   dtype = jnp.dtype(moment_dtype) if moment_dtype is not None else (
       jnp.promote_types(tokens.dtype, jnp.float32))
   h = tokens.astype(dtype)
   if graph is not None:
     a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
-    h = propagate(a_hat, h, precision)
+    h = checks.check_finite(propagate(a_hat, h, precision), "propagation", check)
   hc, n = center(h, mask, dtype=dtype)
   # The moment is stored in the square root's dtype: bf16 policies keep a
   # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
   m2 = centered_moment(hc, n, eps, precision=precision,
                        accumulate=sqrt_dtype if sqrt_dtype is not None else None)
-  m2 = checkpoint_name(m2, "moment")
+  m2 = checkpoint_name(checks.check_finite(m2, "moment", check), "moment")
 
-  sqrt = functools.partial(sqrtm_newton_schulz, iterations=isqrt_iterations,
-                           dtype=sqrt_dtype, precision=precision, remat_body=remat_isqrt)
+  sqrt = functools.partial(matrix_sqrt, method=isqrt_method, iterations=isqrt_iterations,
+                           normalization=isqrt_normalization, dtype=sqrt_dtype,
+                           precision=precision, remat_body=remat_isqrt)
   if remat_isqrt:  # keep only the moment; the backward re-runs the loop
     sqrt = jax.checkpoint(sqrt, policy=jax.checkpoint_policies.nothing_saveable)
-  s = checkpoint_name(sqrt(m2), "sqrtm")
+  s = checkpoint_name(checks.check_finite(sqrt(m2), "sqrtm", check), "sqrtm")
 
   feats = triu_vector(s)
   if use_third_order:
     v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
     feats = jnp.concatenate([feats, v3.astype(feats.dtype)], axis=-1)
-  return checkpoint_name(feats, "features")
+  return checkpoint_name(checks.check_finite(feats, "features", check), "features")
