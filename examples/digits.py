@@ -70,6 +70,7 @@ class Config:
   num_heads: int = 4
   mlp_ratio: int = 2
   patch: int = 2           # 8x8 images -> (8/patch)^2 tokens
+  image_size: int = 8      # images are resized to this first (28, patch 2: 196 tokens)
   d_out: int = 64
   dropout_rate: float = 0.1
   batch_size: int = 128
@@ -146,6 +147,9 @@ class DigitsViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, train: bool) -> jax.Array:
     c = self.cfg
+    if images.shape[1:3] != (c.image_size, c.image_size):
+      images = jax.image.resize(images, (images.shape[0], c.image_size, c.image_size,
+                                         images.shape[-1]), "bilinear")
     x = nn.Conv(c.width, (c.patch, c.patch), strides=c.patch, padding="VALID",
                 name="embed")(images)
     b, gh, gw, d = x.shape
@@ -153,7 +157,7 @@ class DigitsViT(nn.Module):
     x = x + self.param("pos", nn.initializers.normal(0.02), (1, gh * gw, d))
     for i in range(c.depth):
       x = Block(c.num_heads, c.mlp_ratio, name=f"block{i}")(x)
-    x = nn.LayerNorm(name="norm")(x)  # tokens [batch, 16, width]
+    x = nn.LayerNorm(name="norm")(x)  # tokens [batch, (image_size/patch)^2, width]
     if self.head == "moment":
       y = MomentHead.from_preset("optimized", d_out=c.d_out, dropout_rate=c.dropout_rate,
                                  name="moment")(x, grid_graph(gh, gw), train=train)
@@ -368,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--width", type=int, default=d.width)
   p.add_argument("--depth", type=int, default=d.depth)
   p.add_argument("--d-out", type=int, default=d.d_out)
+  p.add_argument("--image-size", type=int, default=d.image_size,
+                 help="resize the 8x8 images to this size first (tokens: (size/2)^2)")
   p.add_argument("--eval-every", type=int, default=d.eval_every)
   p.add_argument("--ckpt-dir", help="checkpoint directory; a rerun resumes from its last step")
   p.add_argument("--save-every", type=int, default=100, help="checkpoint every N steps")
@@ -382,6 +388,7 @@ def main(argv: list[str] | None = None) -> int:
       p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")
   cfg = dataclasses.replace(d, steps=a.steps, seed=a.seed, batch_size=a.batch_size, lr=a.lr,
                             width=a.width, depth=a.depth, d_out=a.d_out,
+                            image_size=a.image_size,
                             eval_every=a.eval_every, warmup=min(d.warmup, a.steps // 10))
   mesh = None
   if a.mesh:
