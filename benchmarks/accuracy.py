@@ -184,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tokens", type=int, default=196)
   p.add_argument("--dim", type=int, default=768)
   p.add_argument("--iterations", type=int, nargs="+", default=list(range(1, 11)))
-  p.add_argument("--scan", type=int, nargs="+", default=[12, 15, 20, 25, 30, 40],
+  p.add_argument("--scan", type=int, nargs="*", default=[12, 15, 20, 25, 30, 40],
                  help="extra K for the divergence scan")
   p.add_argument("--vit-steps", type=int, default=300)
   p.add_argument("--seed", type=int, default=0)

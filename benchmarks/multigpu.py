@@ -307,6 +307,27 @@ def targets(rows, args):
 
 # -- main -----------------------------------------------------------------------
 
+def plan(args, graph, tx):
+  """Per-device parameters + AdamW state of `1 x model` meshes, from shapes
+  alone (`jax.eval_shape` and the sharding rules): no devices needed."""
+  print(f"plan (shapes only): parameters + AdamW state per device, N={args.tokens}, "
+        f"D={args.dim}, model axis 1..8")
+  for preset in args.presets:
+    head = MomentHead.from_preset(preset, policy=args.policy)
+    state = jax.eval_shape(make_init(head, tx, (1, args.tokens, args.dim), graph),
+                           jax.random.key(0))
+    specs = shd.partition_specs(state, shd.HEAD_RULES)
+    leaves = jax.tree.leaves(state)
+    split = [("model" in tuple(sp)) for sp in jax.tree.leaves(
+        specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))]
+    full = sum(l.size * l.dtype.itemsize for l in leaves)
+    cells = []
+    for m in (1, 2, 4, 8):
+      per = sum(l.size * l.dtype.itemsize / (m if sp else 1) for l, sp in zip(leaves, split))
+      cells.append(f"1x{m} {per / 1e6:8.1f} MB ({per / full:.4f})")
+    print(f"  {preset:10} " + " | ".join(cells))
+
+
 def parse_args():
   ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   ap.add_argument("--presets", nargs="+", default=["optimized", "original"])
@@ -328,6 +349,8 @@ def parse_args():
                   help="seconds: timed rows start only before 80%% of it, the "
                        "single-device reference runs before all of it")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
+  ap.add_argument("--plan", action="store_true",
+                  help="only print per-device parameter + optimizer memory from shapes")
   args = ap.parse_args()
   if min(args.steps, args.check_steps, args.batch_per_device) < 1 or args.warmup < 0:
     ap.error("--steps, --check-steps and --batch-per-device must be >= 1, --warmup >= 0")
@@ -347,6 +370,9 @@ def main():
         f"lr {args.lr}, batch per data shard {args.batch_per_device}, {args.steps} timed steps "
         f"after {args.check_steps} checked + {args.warmup} warm-up; "
         f"NCCL_NVLS_ENABLE={env['NCCL_NVLS_ENABLE']}", flush=True)
+  if args.plan:
+    plan(args, graph, tx)
+    return
   counts = device_counts(args.devices, jax.device_count())
 
   rows, refs, heads = [], {}, {}
@@ -371,8 +397,8 @@ def main():
           refs[(preset, r["global_batch"])] = r["losses"][:args.check_steps]
           r["loss_is_ref"] = True
         rows.append(r)
-        print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()
-                          if k not in ("losses", "step_times_s")}), flush=True)
+        print(f"{preset} {data}x{model}: {r['step_ms']:.2f} ms/step, compiled in "
+              f"{r['compile_s']:.1f} s", flush=True)
 
   # single-device references for the larger global batches, after every timed row
   for r in rows:
