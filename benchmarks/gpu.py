@@ -16,10 +16,15 @@ minimal bytes / copy ceiling), with ceilings measured in the same run (a
 1 GiB device copy; a batch of 256 768^3 matmuls per precision), and measured/floor.
 Prints one table and writes gpu.json under --out.
 
-FLOPs counted: graph propagation 2 B N^2 D, moment 2 B N D^2, Newton-Schulz
-(3K-3) 2 B D^3, projection 2 B F d_out (+ 2 B d_out^2 for the double MLP);
-forward+backward = 3x forward. Minimal bytes: the projection weight read
-once (and its gradient written once in the backward).
+Two floors. "floor" is the issue's, for the channel algorithm that the
+PyTorch reference runs: graph propagation 2 B N^2 D, moment 2 B N D^2,
+Newton-Schulz (3K-3) 2 B D^3, projection 2 B F d_out (+ 2 B d_out^2 for the
+double MLP). "tfloor" is the same for the algorithm JAX runs when
+isqrt_space resolves to "token" (moment_jax.ops.gram): graph 2 B N^2 D, Gram
+2 B N^2 D, (3K-3) products of two N^3 GEMMs 4 B N^3 each, the map back
+2 B N^2 D + 2 B N D^2, projection. Forward+backward = 3x forward. Minimal
+bytes: the projection weight read once (and its gradient written once in
+the backward). --space auto channel times JAX in both spaces, side by side.
 """
 
 from __future__ import annotations
@@ -36,7 +41,8 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 import jax
 import jax.numpy as jnp
 
-from moment_jax import MomentHead, feature_size, grid_graph, steps
+from moment_jax import MomentHead, feature_size, grid_graph, ops, steps
+from moment_jax.ops import gram
 
 N, D, SIDE = 196, 768, 14
 PRECISIONS = ("float32", "tf32", "bfloat16")
@@ -81,10 +87,14 @@ def ceilings():
   return out
 
 
-def floor(preset, b, fwd_bwd, ceil, precision):
+def floor(preset, b, fwd_bwd, ceil, precision, token=False):
   h = MomentHead.from_preset(preset)
   f = feature_size(D, h.use_third_order, h.sketch_dim)
-  flops = 2 * b * N * N * D + 2 * b * N * D * D + (3 * h.isqrt_iterations - 3) * 2 * b * D ** 3
+  products = 3 * h.isqrt_iterations - 3
+  if token:
+    flops = 6 * b * N * N * D + 2 * b * N * D * D + products * 4 * b * N ** 3
+  else:
+    flops = 2 * b * N * N * D + 2 * b * N * D * D + products * 2 * b * D ** 3
   flops += 2 * b * f * h.d_out + (2 * b * h.d_out ** 2 if h.mlp == "double" else 0)
   wbytes = f * h.d_out * 4
   if fwd_bwd:
@@ -94,8 +104,8 @@ def floor(preset, b, fwd_bwd, ceil, precision):
 
 # -- JAX ----------------------------------------------------------------------
 
-def jax_times(preset, b, precision):
-  head = MomentHead.from_preset(preset, policy=precision, dropout_rate=0.0)
+def jax_times(preset, b, precision, space):
+  head = MomentHead.from_preset(preset, policy=precision, dropout_rate=0.0, isqrt_space=space)
   graph = grid_graph(SIDE, SIDE)
   shape = (b, N, D)
   v = jax.jit(lambda k: head.init(k, jnp.zeros(shape), graph, train=False))(jax.random.key(0))
@@ -157,6 +167,8 @@ def main():
   ap.add_argument("--preset", nargs="+", default=["optimized", "original"])
   ap.add_argument("--batch", nargs="+", type=int, default=[4, 64, 256])
   ap.add_argument("--precision", nargs="+", default=list(PRECISIONS))
+  ap.add_argument("--space", nargs="+", default=["auto"], choices=list(gram.SPACES),
+                  help="isqrt_space of the JAX rows; torch rows go with the first")
   args = ap.parse_args()
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -173,22 +185,39 @@ def main():
   for preset in args.preset:
     for b in args.batch:
       for prec in args.precision:
-        r = dict(preset=preset, batch=b, precision=prec)
-        r["jax_fwd_ms"], r["jax_step_ms"] = (1e3 * t for t in jax_times(preset, b, prec))
+        h = MomentHead.from_preset(preset)
+        token = [ops.use_token_space(N, D, h.isqrt_iterations, sp) for sp in args.space]
+        r = dict(preset=preset, batch=b, precision=prec,
+                 space="token" if token[0] else "channel")
+        r["jax_fwd_ms"], r["jax_step_ms"] = (1e3 * t for t in
+                                            jax_times(preset, b, prec, args.space[0]))
+        extra = []
+        for sp, tk in zip(args.space[1:], token[1:]):
+          extra.append(dict(preset=preset, batch=b, precision=prec,
+                            space="token" if tk else "channel"))
+          extra[-1]["jax_fwd_ms"], extra[-1]["jax_step_ms"] = (
+              1e3 * t for t in jax_times(preset, b, prec, sp))
         if not args.no_torch:
           r["eager_fwd_ms"], r["eager_step_ms"] = (1e3 * t for t in
                                                   torch_times(preset, b, prec, False))
           if args.compile:
             r["compile_fwd_ms"], r["compile_step_ms"] = (1e3 * t for t in
                                                         torch_times(preset, b, prec, True))
-        r["floor_fwd_ms"] = 1e3 * floor(preset, b, False, ceil, prec)
-        r["floor_step_ms"] = 1e3 * floor(preset, b, True, ceil, prec)
-        rows.append(r)
-        print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}),
-              flush=True)
-  hdr = (f"{'preset':<10} {'B':>4} {'prec':<9} | {'jax fwd':>8} {'eager':>8} {'compile':>8} "
-         f"{'floor':>7} | {'jax f+b':>8} {'eager':>8} {'compile':>8} {'floor':>7} | "
-         f"{'jax/eager':>9} {'jax/comp':>8} {'meas/floor':>10}")
+        for row in [r] + extra:
+          row["floor_fwd_ms"] = 1e3 * floor(preset, b, False, ceil, prec)
+          row["floor_step_ms"] = 1e3 * floor(preset, b, True, ceil, prec)
+          row["tfloor_step_ms"] = 1e3 * floor(preset, b, True, ceil, prec, token=True)
+          for k in ("eager_fwd_ms", "eager_step_ms", "compile_fwd_ms", "compile_step_ms"):
+            if k in r:
+              row[k] = r[k]
+          rows.append(row)
+          print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
+                            for k, v in row.items()}), flush=True)
+        save(args.out, dev, versions, ceil, rows, t0)  # a cut-off run keeps its rows
+  hdr = (f"{'preset':<10} {'B':>4} {'prec':<9} {'space':<7} | {'jax fwd':>8} {'eager':>8} "
+         f"{'compile':>8} {'floor':>7} | {'jax f+b':>8} {'eager':>8} {'compile':>8} "
+         f"{'floor':>7} {'tfloor':>7} | {'jax/eager':>9} {'jax/comp':>8} {'/floor':>7} "
+         f"{'/tfloor':>7}")
   print("\nms, medians; forward = training-mode forward; f+b = forward+backward with "
         "parameter and token gradients")
   print(hdr)
@@ -196,17 +225,22 @@ def main():
   for r in rows:
     ratio_e = r["jax_step_ms"] / r["eager_step_ms"] if "eager_step_ms" in r else float("nan")
     ratio_c = r["jax_step_ms"] / r["compile_step_ms"] if "compile_step_ms" in r else float("nan")
-    print(f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} | {g(r, 'jax_fwd_ms')} "
-          f"{g(r, 'eager_fwd_ms')} {g(r, 'compile_fwd_ms')} {r['floor_fwd_ms']:7.3f} | "
-          f"{g(r, 'jax_step_ms')} {g(r, 'eager_step_ms')} {g(r, 'compile_step_ms')} "
-          f"{r['floor_step_ms']:7.3f} | {ratio_e:9.2f} {ratio_c:8.2f} "
-          f"{r['jax_step_ms'] / r['floor_step_ms']:10.2f}")
-  os.makedirs(args.out, exist_ok=True)
-  path = os.path.join(args.out, "gpu.json")
+    print(f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} {r['space']:<7} | "
+          f"{g(r, 'jax_fwd_ms')} {g(r, 'eager_fwd_ms')} {g(r, 'compile_fwd_ms')} "
+          f"{r['floor_fwd_ms']:7.3f} | {g(r, 'jax_step_ms')} {g(r, 'eager_step_ms')} "
+          f"{g(r, 'compile_step_ms')} {r['floor_step_ms']:7.3f} {r['tfloor_step_ms']:7.3f} | "
+          f"{ratio_e:9.2f} {ratio_c:8.2f} {r['jax_step_ms'] / r['floor_step_ms']:7.2f} "
+          f"{r['jax_step_ms'] / r['tfloor_step_ms']:7.2f}")
+  print(f"wrote {save(args.out, dev, versions, ceil, rows, t0)} in {time.time() - t0:.0f} s")
+
+
+def save(out, dev, versions, ceil, rows, t0):
+  os.makedirs(out, exist_ok=True)
+  path = os.path.join(out, "gpu.json")
   with open(path, "w") as f:
     json.dump(dict(device=dev.device_kind, versions=versions, ceilings=ceil, rows=rows,
                    command=" ".join(sys.argv), seconds=time.time() - t0), f, indent=1)
-  print(f"wrote {path} in {time.time() - t0:.0f} s")
+  return path
 
 
 if __name__ == "__main__":

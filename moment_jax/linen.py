@@ -93,6 +93,10 @@ class MomentHead(nn.Module):
       closer to the exact root at few iterations; docs/numerics.md).
     isqrt_method: "newton_schulz" or "eigh" (the exact root: evaluation and
       reference; much slower on GPU).
+    isqrt_space: "auto" (default), "channel" or "token": run Newton–Schulz on
+      the `[dim, dim]` moment or, with the same iterates, on the
+      `[tokens, tokens]` Gram matrix (`ops.gram`; ~10x fewer FLOPs for
+      ViT-B's 196 tokens and 768 channels); "auto" takes the cheaper.
     sketch_dim: Tensor Sketch length (with the third order).
     eps: ridge of the moment, degree floor and power-normalisation offset.
     mlp: "single" (Dense, BatchNorm, GELU, Dropout) or "double" (and a
@@ -143,6 +147,7 @@ class MomentHead(nn.Module):
   isqrt_iterations: int = 3
   isqrt_normalization: str = "trace"
   isqrt_method: str = "newton_schulz"
+  isqrt_space: str = "auto"
   sketch_dim: int = 1024
   eps: float = 1e-5
   mlp: str = "single"
@@ -165,7 +170,7 @@ class MomentHead(nn.Module):
   def validate(self) -> None:
     """Raises `ValueError` for a bad configuration (called on every trace)."""
     check_config(self.isqrt_iterations, self.use_third_order, self.sketch_dim,
-                 self.isqrt_normalization, self.isqrt_method)
+                 self.isqrt_normalization, self.isqrt_method, self.isqrt_space)
     check_head_config(self.d_out, self.mlp, self.dropout_rate, self.d_reduce)
     check_chunk(self.isqrt_chunk)
     checks.check_mode(self.check_values)
@@ -194,6 +199,7 @@ class MomentHead(nn.Module):
         isqrt_iterations=self.isqrt_iterations,
         isqrt_normalization=self.isqrt_normalization,
         isqrt_method=self.isqrt_method,
+        isqrt_space=self.isqrt_space,
         use_third_order=self.use_third_order,
         sketch_dim=self.sketch_dim,
         sketch_seed=self.sketch_seed,

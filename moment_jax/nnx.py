@@ -99,6 +99,7 @@ class MomentHead(nnx.Module):
     isqrt_iterations: Newton–Schulz steps (>= 1).
     isqrt_normalization: "trace" or "frobenius" (see the Linen head).
     isqrt_method: "newton_schulz" or "eigh" (see the Linen head).
+    isqrt_space: "auto", "channel" or "token" (see the Linen head).
     sketch_dim: Tensor Sketch length (with the third order).
     eps: ridge of the moment, degree floor and power-normalisation offset.
     mlp: "single" or "double" (a second Dense d_out -> d_out).
@@ -146,6 +147,7 @@ class MomentHead(nnx.Module):
       isqrt_iterations: int = 3,
       isqrt_normalization: str = "trace",
       isqrt_method: str = "newton_schulz",
+      isqrt_space: str = "auto",
       sketch_dim: int = 1024,
       eps: float = 1e-5,
       mlp: str = "single",
@@ -169,6 +171,7 @@ class MomentHead(nnx.Module):
     self.isqrt_iterations = isqrt_iterations
     self.isqrt_normalization = isqrt_normalization
     self.isqrt_method = isqrt_method
+    self.isqrt_space = isqrt_space
     self.sketch_dim = sketch_dim
     self.eps = eps
     self.mlp = mlp

@@ -100,21 +100,31 @@ def test_residuals_at_full_size():
   """Optimized preset, B=4, N=196, D=768: what each policy keeps for the backward."""
   d2 = 4 * 768 * 768 * 4  # one D x D float32 matrix per sample
   feats = 4 * 295296 * 4
-  none, isqrt, features = (_head_residuals(True, remat_policy=p)
+  none, isqrt, features = (_head_residuals(True, remat_policy=p, isqrt_space="channel")
                            for p in (None, "isqrt", "features"))
   assert none > 10 * d2  # the whole loop's matrices
   assert isqrt < 2.5 * d2 < none  # the moment (and its centred tokens), not the loop
   assert features < feats + d2 / 2  # the features for dW, nothing of the pipeline
   # the seed's scenario: tokens without gradient; only the features are kept
-  assert _head_residuals(False) < feats + d2 / 4
+  assert _head_residuals(False, isqrt_space="channel") < feats + d2 / 4
+  # On the Gram matrix (the default here) no D x D matrix is kept at all:
+  # the features, the tokens' N x D maps and a few N x N iterates.
+  token = [_head_residuals(True, remat_policy=p) for p in (None, "isqrt", "features")]
+  assert token == [_head_residuals(True, remat_policy=p, isqrt_space="token")
+                   for p in (None, "isqrt", "features")]
+  assert token[0] < feats + 2.5 * d2 and token[0] < none / 4
+  assert token[1] < feats + d2 / 2 and token[1] < isqrt / 2
+  assert token[2] == features
+  assert _head_residuals(False) == _head_residuals(False, isqrt_space="channel")
 
 
-def test_isqrt_residuals_do_not_grow_with_iterations():
+@pytest.mark.parametrize("space", ["channel", "token"])
+def test_isqrt_residuals_do_not_grow_with_iterations(space):
   shape = (2, 16, 32)
-  r = [_head_residuals(True, shape, remat_policy="isqrt", isqrt_iterations=k)
-       for k in (2, 5, 8)]
+  r = [_head_residuals(True, shape, remat_policy="isqrt", isqrt_iterations=k,
+                       isqrt_space=space) for k in (2, 5, 8)]
   assert len(set(r)) == 1
-  r = [_head_residuals(True, shape, isqrt_iterations=k) for k in (2, 5, 8)]
+  r = [_head_residuals(True, shape, isqrt_iterations=k, isqrt_space=space) for k in (2, 5, 8)]
   assert r[0] < r[1] < r[2]
 
 

@@ -239,9 +239,13 @@ def test_callback_check_names_the_stage():
   x = _overflowing_trace()
   m2 = ref.second_moment(np.asarray(x, np.float64))
   assert np.abs(m2).max() < 1e38 < np.trace(m2, axis1=1, axis2=2).min()
-  f = jax.jit(lambda t: ops.moment_features(t, check_values=True))
+  f = jax.jit(lambda t: ops.moment_features(t, check_values=True, isqrt_space="channel"))
   with pytest.raises(Exception, match=r"sqrtm: \d+ non-finite entries in the matrix square root"):
     jax.block_until_ready(f(x))
+  # In token space the Gram matrix's diagonal holds those sums: it overflows first.
+  token = jax.jit(lambda t: ops.moment_features(t, check_values=True, isqrt_space="token"))
+  with pytest.raises(Exception, match=r"moment: \d+ non-finite entries in the second moment"):
+    jax.block_until_ready(token(x))
   big = jnp.ones((2, 8, 4)).at[:, 0].set(3e20)
   with pytest.raises(Exception, match=r"moment: \d+ non-finite entries in the second moment"):
     jax.block_until_ready(f(big))
@@ -260,6 +264,10 @@ def test_checkify_mode():
   err, _ = fn(x, -grid_graph(3, 3))
   assert "graph: expected non-negative edge weights" in err.get()
   err, _ = fn(_overflowing_trace(n=9), None)
+  assert err.get().startswith("moment: ")  # token space (auto): the Gram overflows
+  channel = head.clone(isqrt_space="channel")
+  err, _ = jax.jit(checkify.checkify(lambda t: channel.apply(v, t, train=False)))(
+      _overflowing_trace(n=9))
   assert err.get().startswith("sqrtm: ")
   # works under vmap and grad as checkify does
   err, g = jax.jit(checkify.checkify(jax.grad(

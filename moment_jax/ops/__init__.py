@@ -2,6 +2,7 @@
 
 from moment_jax.ops.checks import check_inputs, check_values
 from moment_jax.ops.features import feature_size, moment_features
+from moment_jax.ops.gram import gram_sqrtm, token_gram, use_token_space
 from moment_jax.ops.graph import grid_graph, normalize_graph, propagate
 from moment_jax.ops.project import contraction_pieces, split_matmul
 from moment_jax.ops.moment import center, centered_moment, second_moment
@@ -19,6 +20,7 @@ __all__ = [
     "count_sketch",
     "coupled_step",
     "feature_size",
+    "gram_sqrtm",
     "grid_graph",
     "matrix_sqrt",
     "moment_features",
@@ -33,7 +35,9 @@ __all__ = [
     "sqrtm_eigh",
     "sqrtm_newton_schulz",
     "tensor_sketch_moment",
+    "token_gram",
     "triu_flat_indices",
     "triu_size",
     "triu_vector",
+    "use_token_space",
 ]

@@ -180,7 +180,7 @@ def check_values(tokens: Any, graph: Any = None, mask: Any = None,
 
 STAGES = {
     "propagation": "the graph-propagated tokens",
-    "moment": "the second moment",
+    "moment": "the second moment (the tokens' Gram matrix in token space)",
     "sqrtm": "the matrix square root",
     "features": "the moment features",
     "output": "the head's output",

@@ -11,6 +11,7 @@ from jax.ad_checkpoint import checkpoint_name
 from flax.typing import Dtype, PrecisionLike
 
 from moment_jax.ops import checks
+from moment_jax.ops.gram import check_space, gram_sqrtm, token_gram, use_token_space
 from moment_jax.ops.graph import normalize_graph, propagate
 from moment_jax.ops.moment import center, centered_moment
 from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
@@ -26,11 +27,16 @@ def feature_size(dim: int, use_third_order: bool = False, sketch_dim: int = 1024
 
 def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int,
                  isqrt_normalization: str = "trace",
-                 isqrt_method: str = "newton_schulz") -> None:
+                 isqrt_method: str = "newton_schulz", isqrt_space: str = "auto") -> None:
   """Validates the static configuration of the pipeline."""
   check_iterations(isqrt_iterations)
   check_normalization(isqrt_normalization)
   check_method(isqrt_method)
+  check_space(isqrt_space)
+  if isqrt_space == "token" and isqrt_method != "newton_schulz":
+    raise ValueError(
+        f"isqrt_space: 'token' runs the Newton–Schulz iteration; with "
+        f"isqrt_method={isqrt_method!r} use 'auto' or 'channel'")
   if use_third_order:
     check_sketch_dim(sketch_dim)
 
@@ -43,6 +49,7 @@ def moment_features(
     isqrt_iterations: int = 3,
     isqrt_normalization: str = "trace",
     isqrt_method: str = "newton_schulz",
+    isqrt_space: str = "auto",
     use_third_order: bool = False,
     sketch_dim: int = 1024,
     sketch_seed: int = 0,
@@ -68,6 +75,10 @@ def moment_features(
       docs/numerics.md).
     isqrt_method: "newton_schulz" or "eigh" (the exact root, for evaluation
       and reference; much slower on GPU).
+    isqrt_space: where Newton–Schulz runs: "channel" (on the `[dim, dim]`
+      moment, SPEC's literal form), "token" (on the `[tokens, tokens]` Gram
+      matrix: the same iterates, far fewer FLOPs when tokens < dim; see
+      `ops.gram`) or "auto" (the cheaper of the two; "channel" for "eigh").
     use_third_order: append the Tensor Sketch of the third moment.
     sketch_dim: sketch length (only used with the third order).
     sketch_seed: seed of the sketch hashes.
@@ -103,11 +114,11 @@ def moment_features(
   """
   checks.check_call(tokens, graph, mask, values=check_values)
   check_config(isqrt_iterations, use_third_order, sketch_dim, isqrt_normalization,
-               isqrt_method)
+               isqrt_method, isqrt_space)
   check_chunk(isqrt_chunk)
   fn = functools.partial(
       pipeline, isqrt_iterations=isqrt_iterations, isqrt_normalization=isqrt_normalization,
-      isqrt_method=isqrt_method, use_third_order=use_third_order,
+      isqrt_method=isqrt_method, isqrt_space=isqrt_space, use_third_order=use_third_order,
       sketch_dim=sketch_dim, sketch_seed=sketch_seed, eps=eps, moment_dtype=moment_dtype,
       sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt,
       check=checks.check_mode(check_values))
@@ -164,6 +175,7 @@ def pipeline(
     remat_isqrt: bool,
     isqrt_normalization: str = "trace",
     isqrt_method: str = "newton_schulz",
+    isqrt_space: str = "auto",
     check: str | None = None,
 ) -> jax.Array:
   """`moment_features` without its input checks, for callers that made them
@@ -176,21 +188,46 @@ def pipeline(
     a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
     h = checks.check_finite(propagate(a_hat, h, precision), "propagation", check)
   hc, n = center(h, mask, dtype=dtype)
-  # The moment is stored in the square root's dtype: bf16 policies keep a
-  # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
-  m2 = centered_moment(hc, n, eps, precision=precision,
-                       accumulate=sqrt_dtype if sqrt_dtype is not None else None)
-  m2 = checkpoint_name(checks.check_finite(m2, "moment", check), "moment")
-
-  sqrt = functools.partial(matrix_sqrt, method=isqrt_method, iterations=isqrt_iterations,
-                           normalization=isqrt_normalization, dtype=sqrt_dtype,
-                           precision=precision, remat_body=remat_isqrt)
-  if remat_isqrt:  # keep only the moment; the backward re-runs the loop
-    sqrt = jax.checkpoint(sqrt, policy=jax.checkpoint_policies.nothing_saveable)
-  s = checkpoint_name(checks.check_finite(sqrt(m2), "sqrtm", check), "sqrtm")
+  if isqrt_method == "newton_schulz" and use_token_space(
+      h.shape[1], h.shape[2], isqrt_iterations, isqrt_space):
+    s = token_root(hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype,
+                   precision, remat_isqrt, check)
+  else:
+    s = channel_root(hc, n, eps, isqrt_iterations, isqrt_normalization, isqrt_method,
+                     sqrt_dtype, precision, remat_isqrt, check)
+  s = checkpoint_name(checks.check_finite(s, "sqrtm", check), "sqrtm")
 
   feats = triu_vector(s)
   if use_third_order:
     v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
     feats = jnp.concatenate([feats, v3.astype(feats.dtype)], axis=-1)
   return checkpoint_name(checks.check_finite(feats, "features", check), "features")
+
+
+def channel_root(hc, n, eps, iterations, normalization, method, sqrt_dtype, precision,
+                 remat_isqrt, check) -> jax.Array:
+  """The moment `[batch, dim, dim]` and its square root (SPEC sections 2-3)."""
+  # The moment is stored in the square root's dtype: bf16 policies keep a
+  # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
+  m2 = centered_moment(hc, n, eps, precision=precision, accumulate=sqrt_dtype)
+  m2 = checkpoint_name(checks.check_finite(m2, "moment", check), "moment")
+  sqrt = functools.partial(matrix_sqrt, method=method, iterations=iterations,
+                           normalization=normalization, dtype=sqrt_dtype,
+                           precision=precision, remat_body=remat_isqrt)
+  if remat_isqrt:  # keep only the moment; the backward re-runs the loop
+    sqrt = jax.checkpoint(sqrt, policy=jax.checkpoint_policies.nothing_saveable)
+  return sqrt(m2)
+
+
+def token_root(hc, n, eps, iterations, normalization, sqrt_dtype, precision, remat_isqrt,
+               check) -> jax.Array:
+  """The same root through the `[batch, tokens, tokens]` Gram matrix
+  (`ops.gram`), which is tagged "moment" for remat policies."""
+  def root(hc, n):
+    g = token_gram(hc, n, precision=precision)
+    g = checkpoint_name(checks.check_finite(g, "moment", check), "moment")
+    return gram_sqrtm(g, hc, n, eps, iterations, normalization=normalization,
+                      dtype=sqrt_dtype, precision=precision, remat_body=remat_isqrt)
+  if remat_isqrt:  # keep only the centred tokens; the backward re-runs the rest
+    root = jax.checkpoint(root, policy=jax.checkpoint_policies.nothing_saveable)
+  return root(hc, n)

@@ -1,0 +1,196 @@
+"""The square root on the Gram matrix (`ops.gram`, `isqrt_space="token"`): the
+same numbers as the channel form and the float64 reference, the same
+gradients, no D x D x D product anywhere."""
+
+import dataclasses
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+import reference as ref
+from helpers import head_grads
+from moment_jax import MomentHead, grid_graph, ops
+from moment_jax.ops import sqrtm as sq
+from test_ops import random_graph, random_mask, rel_err
+
+B, N, D = 3, 9, 24  # fewer tokens than channels, as in ViT-B (196 < 768)
+G = grid_graph(3, 3)
+
+
+def tokens(seed=0, shape=(B, N, D), scale=1.0):
+  x = np.random.default_rng(seed).normal(size=shape) * scale
+  return jnp.asarray(x, jnp.float32)
+
+
+def token_root(x, mask, k, norm="trace", **kw):
+  hc, n = ops.center(x, mask)
+  return ops.gram_sqrtm(ops.token_gram(hc, n, precision=kw.get("precision")), hc, n, 1e-5,
+                        k, normalization=norm, **kw)
+
+
+@pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
+@pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 10])
+def test_matches_the_polynomial(norm, k):
+  """Against SPEC's iteration on the D x D moment in float64. Float32 at the
+  highest precision; 1e-5 for the Z-only loop (K <= 7): round-off of ~1e-7 per
+  product grown over <= 27 products, the channel form's bound too. The coupled
+  loop (K >= 8) carries two iterates whose round-off the Gram form amplifies
+  by up to ||U||^2 / ||M||: 1.5e-5 (trace) and 5.1e-5 (frobenius) at K = 10
+  against the channel form's 3e-6, hence 1e-4 there (docs/numerics.md)."""
+  rng = np.random.default_rng(k)
+  x = rng.normal(size=(B, N, D)) * np.array([1.0, 30.0, 0.03])[:, None, None]
+  mask = random_mask(rng, B, N)
+  want = ref.newton_schulz(ref.second_moment(x, mask), k, norm)
+  got = token_root(jnp.asarray(x, jnp.float32), jnp.asarray(mask), k, norm,
+                   precision="highest")
+  assert got.shape == (B, D, D) and got.dtype == jnp.float32
+  assert rel_err(got, want) < (1e-5 if k <= sq.Z_ONLY_MAX_ITERATIONS else 1e-4)
+
+
+@pytest.mark.parametrize("third", [False, True])
+@pytest.mark.parametrize("graph", [None, "shared", "batched"])
+def test_features_match_channel_space_and_reference(graph, third):
+  rng = np.random.default_rng(3)
+  x = tokens(3)
+  g = None if graph is None else jnp.asarray(random_graph(rng, B, N, graph == "shared"))
+  mask = jnp.asarray(random_mask(rng, B, N))
+  kw = dict(isqrt_iterations=5, use_third_order=third, sketch_dim=16, precision="highest")
+  token = ops.moment_features(x, g, mask, isqrt_space="token", **kw)
+  channel = ops.moment_features(x, g, mask, isqrt_space="channel", **kw)
+  want = ref.moment_features(np.asarray(x, np.float64), None if g is None else np.asarray(g),
+                             np.asarray(mask), isqrt_iterations=5, use_third_order=third,
+                             sketch_dim=16)
+  assert rel_err(token, want) < 1e-5 and rel_err(channel, want) < 1e-5
+  chex.assert_trees_all_equal(token, ops.moment_features(x, g, mask, **kw))  # auto: token
+
+
+def test_auto_takes_the_cheaper_space():
+  assert ops.use_token_space(196, 768, 3) and ops.use_token_space(196, 768, 5)
+  assert ops.use_token_space(9, 24, 5)
+  assert not ops.use_token_space(16, 12, 5)  # more tokens than channels
+  assert not ops.use_token_space(64, 64, 3)
+  assert ops.use_token_space(64, 64, 3, "token") and not ops.use_token_space(9, 24, 3,
+                                                                              "channel")
+
+
+def _dots(jaxpr):
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      yield tuple(v.aval.shape for v in eqn.invars)
+    for sub in jax.core.jaxprs_in_params(eqn.params):
+      yield from _dots(sub)
+
+
+@pytest.mark.parametrize("k", [3, 9])
+def test_no_channel_cubed_product(k):
+  """The whole training step, forward and backward: every product has a
+  token-sized side, so none costs D^3 (and at K=9 the loop is the coupled one)."""
+  head = MomentHead(d_out=4, isqrt_iterations=k)
+  x = tokens()
+  v = head.init(jax.random.key(0), x, G, train=False)
+  jaxpr = jax.make_jaxpr(lambda p, t: head_grads(head, {**v, "params": p}, t, G, key=1))(
+      v["params"], x).jaxpr
+  shapes = list(_dots(jaxpr))
+  assert shapes
+  assert not [s for s in shapes if all(dims[-2:] == (D, D) for dims in s)], shapes
+  channel = dataclasses.replace(head, isqrt_space="channel")
+  jaxpr = jax.make_jaxpr(lambda p, t: head_grads(channel, {**v, "params": p}, t, G, key=1))(
+      v["params"], x).jaxpr
+  assert [s for s in _dots(jaxpr) if all(dims[-2:] == (D, D) for dims in s)]
+
+
+@pytest.fixture
+def x64():
+  with jax.enable_x64(True):
+    yield
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
+@pytest.mark.parametrize("k", [1, 2, 3, 9])
+def test_grads_second_order(norm, k):
+  """Order 2, forward and reverse, with respect to the tokens; K=9 runs the
+  coupled loop. A masked token is in the input (its gradient is zero)."""
+  x = jnp.asarray(np.random.default_rng(k).normal(size=(2, 4, 7)))
+  mask = jnp.asarray([[True, True, True, False], [True] * 4])
+  check_grads(lambda t: token_root(t, mask, k, norm, precision="highest"), (x,), order=2,
+              modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("x64")
+def test_grads_head():
+  """Parameters and tokens, training mode, graph, mask and third order."""
+  rng = np.random.default_rng(9)
+  x = jnp.asarray(rng.normal(size=(3, 5, 8)))
+  g = jnp.asarray(random_graph(rng, 3, 5, False), jnp.float64)
+  mask = jnp.asarray(random_mask(rng, 3, 5))
+  head = MomentHead(d_out=3, isqrt_iterations=3, use_third_order=True, sketch_dim=8,
+                    dropout_rate=0.0, param_dtype=jnp.float64, dtype=jnp.float64,
+                    precision="highest", isqrt_space="token")
+  v = head.init(jax.random.key(0), x, g, mask, train=False)
+
+  def f(params, t):
+    return head.apply({"params": params, "batch_stats": v["batch_stats"]}, t, g, mask,
+                      train=True, mutable=["batch_stats"])[0]
+
+  check_grads(f, (v["params"], x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
+
+
+@pytest.mark.parametrize("remat,chunk", [("isqrt", None), (None, 2), ("features", 2),
+                                         ("save_only_these_names:moment,sqrtm", None)])
+def test_remat_and_chunk(remat, chunk):
+  base = MomentHead(d_out=8, isqrt_iterations=4, precision="highest")
+  x = tokens(1)
+  mask = jnp.ones((B, N), bool).at[0, -2:].set(False)
+  v = base.init(jax.random.key(0), x, G, mask, train=False)
+  ref_out, ref_g = head_grads(base, v, x, G, mask, key=1)
+  out, g = head_grads(dataclasses.replace(base, remat_policy=remat, isqrt_chunk=chunk), v, x,
+                      G, mask, key=1)
+  # float32 round-off of a recomputed or batched program: 1e-5 of each tree's scale
+  scale = lambda t: max(float(jnp.max(jnp.abs(l))) for l in jax.tree.leaves(t))
+  chex.assert_trees_all_close(out, ref_out, rtol=1e-5, atol=1e-5 * scale(ref_out))
+  chex.assert_trees_all_close(g, ref_g, rtol=1e-5, atol=1e-5 * scale(ref_g))
+
+
+@pytest.mark.parametrize("scale", [1e-6, 1.0, 1e6])
+def test_bfloat16_policy_tracks_float32(scale):
+  """bf16 operands (8-bit mantissa, 4e-3 per rounding) over ~15 products:
+  within 3e-2 of the float32 features, as the channel form."""
+  x = tokens(2, scale=scale)
+  kw = dict(isqrt_iterations=3)
+  f32 = ops.moment_features(x, G, isqrt_space="token", precision="highest", **kw)
+  for space in ("token", "channel"):
+    bf = ops.moment_features(x, G, isqrt_space=space, moment_dtype=jnp.bfloat16,
+                             sqrt_dtype=jnp.bfloat16, **kw)
+    assert bf.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(bf)))
+    assert rel_err(bf, f32) < 3e-2, space
+
+
+def test_degenerate_tokens_stay_finite():
+  """Constant tokens (a zero Gram matrix: the root is sqrt(eps) I), a single
+  valid token and an all-padding row."""
+  x = tokens(4).at[0].set(1.0)
+  mask = jnp.ones((B, N), bool).at[1, 1:].set(False).at[2].set(False)
+  f = ops.moment_features(x, G, mask, isqrt_space="token", precision="highest")
+  assert bool(jnp.all(jnp.isfinite(f)))
+  want = ops.moment_features(x, G, mask, isqrt_space="channel", precision="highest")
+  assert rel_err(f, want) < 1e-5
+  g = jax.grad(lambda t: ops.moment_features(t, G, mask, isqrt_space="token").sum())(x)
+  assert bool(jnp.all(jnp.isfinite(g)))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(isqrt_space="gram"), r"isqrt_space: expected one of auto, channel, token, "
+                               r"got 'gram'"),
+    (dict(isqrt_space="token", isqrt_method="eigh"), r"isqrt_space: 'token' runs the "
+                                                     r"Newton–Schulz iteration"),
+])
+def test_bad_options(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    ops.moment_features(tokens(), **kwargs)
+  with pytest.raises(ValueError, match=match):
+    MomentHead(d_out=4, **kwargs).init(jax.random.key(0), tokens(), train=False)
