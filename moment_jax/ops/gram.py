@@ -64,7 +64,12 @@ class _Algebra:
   def mul(self, x: Element, y: Element) -> Element:
     (a, p), (b, q) = x, y
     pgq = self.mm(self.mm(p, self.g), q)
-    return a * b, (a * q + b * p + pgq).astype(self.dtype)
+    return a * b, self.lin(a, q, b, p) + pgq.astype(self.dtype)
+
+  def lin(self, s: jax.Array, p: jax.Array, t: jax.Array, q: jax.Array) -> jax.Array:
+    """`s p + t q` in the iteration's dtype (float32 scalars would widen a
+    bfloat16 `P`, and the backward would keep the wide copies)."""
+    return s.astype(self.dtype) * p + t.astype(self.dtype) * q
 
   def comb(self, s: float, x: Element, t: float, y: Element) -> Element:
     """`s x + t y`."""
@@ -190,5 +195,6 @@ def _to_channels(y: Element, c, hc, n, dtype, precision) -> jax.Array:
   w = jnp.matmul((p * (root / n)).astype(dtype), hc.astype(dtype), precision=precision)
   s = jnp.einsum("bnd,bne->bde", hc.astype(dtype), w, precision=precision,
                  preferred_element_type=dtype)
-  eye = jnp.eye(hc.shape[-1], dtype=dtype)
-  return s + (root * a).astype(dtype) * eye
+  # A diagonal update, not `+ a I`: the backward of a broadcast identity keeps it.
+  i = jnp.arange(hc.shape[-1])
+  return s.at[:, i, i].add((root * a)[:, :, 0].astype(dtype))
