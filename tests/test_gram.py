@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.extend import core as jex_core
 from jax.test_util import check_grads
 
 import reference as ref
@@ -81,8 +82,19 @@ def _dots(jaxpr):
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
       yield tuple(v.aval.shape for v in eqn.invars)
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jex_core.jaxprs_in_params(eqn.params):
       yield from _dots(sub)
+
+
+@pytest.mark.parametrize("k, gemms", [(1, 0), (2, 3), (3, 7)])
+def test_products_with_identity_iterates_are_skipped(k, gemms):
+  """A = M / c and the first Z are `s I` in P: products with them take one
+  token GEMM or none, so K=3 runs 7 [N, N] products instead of 3 (3K - 3) = 12."""
+  x = tokens(0)
+  hc, n = x - x.mean(1, keepdims=True), jnp.full((B,), N)
+  fn = lambda h: ops.gram_sqrtm(ops.token_gram(h, n), h, n, 1e-5, k)
+  jaxpr = jax.make_jaxpr(fn)(hc).jaxpr
+  assert sum(s == ((B, N, N), (B, N, N)) for s in _dots(jaxpr)) == gemms
 
 
 @pytest.mark.parametrize("k", [3, 9])

@@ -19,6 +19,8 @@ It pays off whenever tokens are fewer than channels (`use_token_space`).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
@@ -28,9 +30,15 @@ from moment_jax.ops.sqrtm import (Z_ONLY_MAX_ITERATIONS, check_iterations,
 
 SPACES = ("auto", "channel", "token")
 
+class Diag(NamedTuple):
+  """`P = s I`, `s` `[batch, 1, 1]`: kept symbolic, so products with it cost
+  one GEMM (or none) instead of two."""
+  s: jax.Array
+
+
 # A Newton–Schulz iterate `a I + U^T P U`: `a` is `[batch, 1, 1]` (float32 or
-# wider), `P` is `[batch, tokens, tokens]` in the iteration's dtype.
-Element = tuple[jax.Array, jax.Array]
+# wider), `P` a `[batch, tokens, tokens]` array in the iteration's dtype or a `Diag`.
+Element = tuple[jax.Array, "jax.Array | Diag"]
 
 
 def check_space(space: str) -> str:
@@ -57,26 +65,41 @@ class _Algebra:
 
   def __init__(self, g: jax.Array, dtype: jnp.dtype, precision: PrecisionLike):
     self.g, self.dtype, self.precision = g.astype(dtype), dtype, precision
+    self.eye = jnp.eye(g.shape[-1], dtype=dtype)
 
   def mm(self, p: jax.Array, q: jax.Array) -> jax.Array:
-    return jnp.matmul(p, q, precision=self.precision)
+    return jnp.matmul(p, q, precision=self.precision).astype(self.dtype)
+
+  def cast(self, s: jax.Array) -> jax.Array:
+    # float32 scalars would widen a bfloat16 `P`, and the backward would keep
+    # the wide copies.
+    return s.astype(self.dtype)
+
+  def dense(self, p: "jax.Array | Diag") -> jax.Array:
+    return self.cast(p.s) * self.eye if isinstance(p, Diag) else p
 
   def mul(self, x: Element, y: Element) -> Element:
+    """`(a, P)(b, Q) = (ab, aQ + bP + P G Q)`."""
     (a, p), (b, q) = x, y
-    pgq = self.mm(self.mm(p, self.g), q)
-    return a * b, self.lin(a, q, b, p) + pgq.astype(self.dtype)
-
-  def lin(self, s: jax.Array, p: jax.Array, t: jax.Array, q: jax.Array) -> jax.Array:
-    """`s p + t q` in the iteration's dtype (float32 scalars would widen a
-    bfloat16 `P`, and the backward would keep the wide copies)."""
-    return s.astype(self.dtype) * p + t.astype(self.dtype) * q
+    c = self.cast
+    if isinstance(p, Diag) and isinstance(q, Diag):
+      return a * b, c(a * q.s + b * p.s) * self.eye + c(p.s * q.s) * self.g
+    if isinstance(p, Diag):
+      return a * b, c(a) * q + c(b * p.s) * self.eye + c(p.s) * self.mm(self.g, q)
+    if isinstance(q, Diag):
+      return a * b, c(b) * p + c(a * q.s) * self.eye + c(q.s) * self.mm(p, self.g)
+    return a * b, c(a) * q + c(b) * p + self.mm(self.mm(p, self.g), q)
 
   def comb(self, s: float, x: Element, t: float, y: Element) -> Element:
     """`s x + t y`."""
-    return s * x[0] + t * y[0], (s * x[1] + t * y[1]).astype(self.dtype)
+    a = s * x[0] + t * y[0]
+    if isinstance(x[1], Diag) and isinstance(y[1], Diag):
+      return a, Diag(s * x[1].s + t * y[1].s)
+    return a, (s * self.dense(x[1]) + t * self.dense(y[1])).astype(self.dtype)
 
   def scale(self, s: float, x: Element) -> Element:
-    return s * x[0], (s * x[1]).astype(self.dtype)
+    p = Diag(s * x[1].s) if isinstance(x[1], Diag) else (s * x[1]).astype(self.dtype)
+    return s * x[0], p
 
 
 def token_gram(
@@ -147,15 +170,14 @@ def gram_sqrtm(
   g = g.astype(acc)
   c = _scale(g, eps, dim, normalization)
   alg = _Algebra(g, dtype, precision)
-  eye = jnp.eye(g.shape[-1], dtype=acc)
-  a_el = (eps / c, (eye / c).astype(dtype))  # A = M / c
+  a_el = (eps / c, Diag(1 / c))  # A = M / c
   if k == 1:
-    three_minus_a = (3.0 - a_el[0], (-eye / c).astype(dtype))
+    three_minus_a = (3.0 - a_el[0], Diag(-1 / c))
     y = alg.scale(0.5, alg.mul(a_el, three_minus_a))
   else:
     if coupled is None:
       coupled = k > Z_ONLY_MAX_ITERATIONS
-    z = (1.5 - 0.5 * a_el[0], (-0.5 * eye / c).astype(dtype))  # iteration 1: Z = T
+    z = (1.5 - 0.5 * a_el[0], Diag(-0.5 / c))  # iteration 1: Z = T
 
     def z_only(z):  # Z <- 1.5 Z - 0.5 (Z (A Z)) Z
       return alg.comb(1.5, z, -0.5, alg.mul(alg.mul(z, alg.mul(a_el, z)), z))
@@ -168,8 +190,13 @@ def gram_sqrtm(
     step = both if coupled else z_only
     if remat_body:
       step = jax.checkpoint(step)
-    init = (alg.mul(a_el, z), z) if coupled else z
-    out = jax.lax.fori_loop(0, k - 2, lambda _, s: step(s), init)
+    if coupled:
+      init, loops = (alg.mul(a_el, z), (z[0], alg.dense(z[1]))), k - 2
+    elif k > 2:  # iteration 2 outside the loop: with Z = T it costs 2 GEMMs, not 6
+      init, loops = step(z), k - 3
+    else:
+      init, loops = z, 0
+    out = jax.lax.fori_loop(0, loops, lambda _, s: step(s), init) if loops else init
     y, z = out if coupled else (alg.mul(a_el, out), out)
     y = alg.comb(1.5, y, -0.5, alg.mul(y, alg.mul(z, y)))  # iteration K: Y only
   return _to_channels(y, c, hc, n, dtype, precision)
@@ -191,6 +218,8 @@ def _scale(g: jax.Array, eps: float, dim: int, normalization: str) -> jax.Array:
 def _to_channels(y: Element, c, hc, n, dtype, precision) -> jax.Array:
   """`sqrt(c) (a I + U^T P U)` as `[batch, dim, dim]`, with `U = hc / sqrt(n)`."""
   a, p = y
+  if isinstance(p, Diag):  # K <= 2 with no product: P = s I
+    p = p.s * jnp.eye(hc.shape[1], dtype=p.s.dtype)
   root = jnp.sqrt(c)
   w = jnp.matmul((p * (root / n)).astype(dtype), hc.astype(dtype), precision=precision)
   s = jnp.einsum("bnd,bne->bde", hc.astype(dtype), w, precision=precision,
