@@ -122,9 +122,12 @@ def x64():
 
 
 @pytest.mark.usefixtures("x64")
-@pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
-@pytest.mark.parametrize("k", [1, 2, 3, 9])
-def test_grads_second_order(norm, k):
+# Each K with one normalisation (both normalisations share every product;
+# they differ only in the scale c): K=1 the closed form, K=2 no loop, K=5 the
+# peeled iteration and the Z-only loop, K=9 the coupled loop.
+@pytest.mark.parametrize("k,norm", [(1, "trace"), (2, "frobenius"), (5, "trace"),
+                                    (9, "frobenius")])
+def test_grads_second_order(k, norm):
   """Order 2, forward and reverse, with respect to the tokens; K=9 runs the
   coupled loop. A masked token is in the input (its gradient is zero)."""
   x = jnp.asarray(np.random.default_rng(k).normal(size=(2, 4, 7)))
