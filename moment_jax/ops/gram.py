@@ -128,7 +128,7 @@ def gram_sqrtm(
     remat_body: bool = False,
     coupled: bool | None = None,
     stability_check: bool = True,
-) -> tuple[jax.Array, jax.Array]:
+) -> jax.Array:
   """Newton–Schulz root of `M = hc^T hc / n + eps I`, run on the Gram matrix
   `g = token_gram(hc, n)`.
 
