@@ -98,8 +98,7 @@ class _Algebra:
     return a, (s * self.dense(x[1]) + t * self.dense(y[1])).astype(self.dtype)
 
   def scale(self, s: float, x: Element) -> Element:
-    p = Diag(s * x[1].s) if isinstance(x[1], Diag) else (s * x[1]).astype(self.dtype)
-    return s * x[0], p
+    return s * x[0], (s * self.dense(x[1])).astype(self.dtype)
 
 
 def token_gram(
@@ -218,8 +217,6 @@ def _scale(g: jax.Array, eps: float, dim: int, normalization: str) -> jax.Array:
 def _to_channels(y: Element, c, hc, n, dtype, precision) -> jax.Array:
   """`sqrt(c) (a I + U^T P U)` as `[batch, dim, dim]`, with `U = hc / sqrt(n)`."""
   a, p = y
-  if isinstance(p, Diag):  # K <= 2 with no product: P = s I
-    p = p.s * jnp.eye(hc.shape[1], dtype=p.s.dtype)
   root = jnp.sqrt(c)
   w = jnp.matmul((p * (root / n)).astype(dtype), hc.astype(dtype), precision=precision)
   s = jnp.einsum("bnd,bne->bde", hc.astype(dtype), w, precision=precision,
