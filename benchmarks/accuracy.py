@@ -101,7 +101,7 @@ def make_tokens(family: str, batch: int, tokens: int, dim: int, seed: int,
 
 
 def reference_roots(x: np.ndarray) -> np.ndarray:
-  """float64 `eigh` roots of SPEC's moment of `x` `[batch, tokens, dim]`."""
+  """float64 `eigh` roots of docs/math.md's moment of `x` `[batch, tokens, dim]`."""
   h = x.astype(np.float64)
   hc = h - h.mean(1, keepdims=True)
   m = np.einsum("bnd,bne->bde", hc, hc) / h.shape[1] + EPS * np.eye(h.shape[-1])

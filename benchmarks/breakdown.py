@@ -59,7 +59,7 @@ def parts(b, policy, space):
   hc = tokens - tokens.mean(1, keepdims=True)
   n = jnp.full((b,), N)
   prec = pol.matmul
-  root = lambda h: fe.token_root(h, n, 1e-5, 3, "trace", pol.compute_dtype, prec, False, None)
+  root = lambda h: fe._token_root(h, n, 1e-5, 3, "trace", pol.compute_dtype, prec, False, None)
   s0 = jax.jit(root)(hc)
   sct = jax.random.normal(key := jax.random.key(4), s0.shape).astype(s0.dtype)
   root_step = jax.jit(lambda h: jax.vjp(root, h)[1](sct))

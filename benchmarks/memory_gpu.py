@@ -5,7 +5,7 @@ Run on a GPU machine from the repository root:
   XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONPATH=. python benchmarks/memory_gpu.py --out out/
 
 It prints one table per target (measured vs target) and writes
-memory_gpu.json. Definitions (SPEC "Memory", the memory issue): forward
+memory_gpu.json. Definitions (docs/math.md section 10): forward
 activations = device peak of the training-mode forward above what was in use
 before it (parameters and inputs resident); step activations = device peak
 of forward+backward above that, minus the parameter and token gradients.

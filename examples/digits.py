@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
 import sys
 import time
@@ -356,9 +357,21 @@ def plot(histories: dict[str, dict[str, list[float]]], path: str) -> str:
   ax_acc.legend(fontsize=7)
   ax_acc.grid(alpha=0.3)
   fig.tight_layout()
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
   fig.savefig(path)
   plt.close(fig)
   return os.path.abspath(path)
+
+
+def missing_modules(args: argparse.Namespace) -> list[str]:
+  """The optional modules this run needs and cannot import, checked before training."""
+  needed = ["sklearn", "tqdm"]
+  if args.out:
+    needed.append("matplotlib")
+  if args.ckpt_dir:
+    needed.append("orbax.checkpoint")
+  return [m for m in needed if importlib.util.find_spec(m.split(".")[0]) is None
+          or (m == "orbax.checkpoint" and importlib.util.find_spec(m) is None)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -380,9 +393,14 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--save-final", help="write the final params and batch stats to this .npz")
   p.add_argument("--mesh", help="'DATAxMODEL', e.g. 2x4: batch over DATA devices, the "
                                  "moment head's projection kernel over MODEL devices")
-  p.add_argument("--out", default="digits.png", help="figure path ('' for none)")
+  p.add_argument("--out", default=os.path.join("out", "digits.png"),
+                 help="figure path ('' for none); out/ is git-ignored (default: %(default)s)")
   p.add_argument("--no-progress", action="store_true")
   a = p.parse_args(argv)
+  missing = missing_modules(a)
+  if missing:
+    p.error(f"missing optional dependencies {', '.join(missing)}; install them with "
+            f"pip install -e \".[examples]\" (or pass --out '' to skip the figure)")
   for name in ("steps", "save_every", "eval_every", "batch_size"):
     if getattr(a, name) < 1:
       p.error(f"--{name.replace('_', '-')}: expected >= 1, got {getattr(a, name)}")

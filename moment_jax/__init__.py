@@ -1,5 +1,13 @@
-"""moment_jax: a memory-lean second-order moment head for token models in JAX/Flax."""
+"""moment_jax: a memory-lean second-order moment head for token models in JAX/Flax.
 
+The public surface is what `__all__` lists here and in each public module
+(`ops`, `linen`, `nnx`, `config`, `precision`, `presets`, `remat`, `memory`,
+`sharding`, `convert`, `torch_reference`); names with a leading underscore
+and modules whose name starts with one may change without notice.
+"""
+
+from moment_jax._version import __version__
+from moment_jax.config import HeadConfig
 from moment_jax.linen import MomentHead
 from moment_jax.nnx import MomentHead as NNXMomentHead
 from moment_jax.nnx import linen_to_nnx, nnx_to_linen
@@ -9,9 +17,8 @@ from moment_jax.ops import (feature_size, grid_graph, moment_features, normalize
 from moment_jax.precision import NAMED_POLICIES, Policy, get_policy, parse_policy
 from moment_jax.presets import PRESET_NAMES, PRESETS, preset
 
-__version__ = "0.1.0"
-
 __all__ = [
+    "HeadConfig",
     "MomentHead",
     "NNXMomentHead",
     "NAMED_POLICIES",

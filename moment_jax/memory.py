@@ -1,4 +1,4 @@
-"""Memory measurement: one function per figure of SPEC's "Memory" section.
+"""Memory measurement: one function per figure of docs/math.md section 10.
 
 * `residual_bytes`: what a forward saves for its backward;
 * `compiled_memory`: the compiled function's `memory_analysis()` (CPU and GPU);
@@ -24,6 +24,21 @@ import jax.numpy as jnp
 import numpy as np
 
 from moment_jax import steps
+
+__all__ = [
+    "CompiledMemory",
+    "StepBill",
+    "compiled_memory",
+    "device_peak",
+    "head_device_peaks",
+    "head_residual_bytes",
+    "make_train_step",
+    "nbytes",
+    "residual_bytes",
+    "residuals",
+    "step_bill",
+    "suggest_batch_size",
+]
 
 MB = 1e6
 
@@ -304,7 +319,7 @@ def head_residual_bytes(head: Any, batch_shape: tuple[int, int, int], graph: Any
 def forward_fn(head: Any, graph: Any = None, token_grad: bool = True) -> Callable[..., Any]:
   """`(params, batch_stats, tokens, key) -> (loss, vjp)`: a training-mode forward that
   keeps what its backward needs (the JAX analogue of a PyTorch forward that keeps
-  its autograd graph). Its device peak is SPEC's *forward activations*."""
+  its autograd graph). Its device peak is docs/math.md's *forward activations*."""
   return _Forward(head, graph, token_grad)
 
 
@@ -339,7 +354,7 @@ class _GradStep:
 
 def grad_step_fn(head: Any, graph: Any = None, token_grad: bool = True) -> Callable[..., Any]:
   """Picklable `steps.make_grad_step`; its device peak, less the gradients it
-  returns, is SPEC's *step activations*."""
+  returns, is docs/math.md's *step activations*."""
   return _GradStep(head, graph, token_grad)
 
 

@@ -1,9 +1,9 @@
 """`MomentHead` for flax.nnx: the same head as `moment_jax.linen`, same numbers.
 
-The NNX module owns parameters only; configuration checks, the precision
-policy and the feature pipeline come from the Linen module's pure pieces
-(`linen.MomentHead.validate`, `resolved_policy`, `feature_fn`, which read
-nothing but the configuration), so both front ends run one code path.
+The NNX module owns parameters only; its configuration is a `HeadConfig`
+(checks, precision policy and the feature pipeline), the same object the
+Linen head delegates to, so both front ends run one code path without this
+module importing Linen.
 """
 
 from __future__ import annotations
@@ -16,18 +16,15 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.typing import Dtype, PrecisionLike
 
-from moment_jax import linen as _linen
-from moment_jax import presets
-from moment_jax.ops import checks
-from moment_jax.ops.features import feature_size
-from moment_jax.ops.project import project
-from moment_jax.precision import Policy
-from moment_jax.remat import resolve_remat
+from moment_jax import _trees
+from moment_jax.config import FIELDS, HeadConfig
+from moment_jax.ops import _checks
+from moment_jax.ops.project import project, project_chunked
 
-# The configuration fields shared with `moment_jax.linen.MomentHead`, in order.
-CONFIG_FIELDS: tuple[str, ...] = tuple(
-    f.name for f in dataclasses.fields(_linen.MomentHead)
-    if f.name not in ("parent", "name"))
+__all__ = ["MomentHead", "Projection", "linen_to_nnx", "nnx_to_linen"]
+
+# Deprecated: the configuration fields, now `moment_jax.config.FIELDS`.
+CONFIG_FIELDS: tuple[str, ...] = FIELDS
 
 
 def _keep_dtypes(args: tuple[Any, ...], *, dtype: Dtype | None = None,
@@ -47,8 +44,7 @@ class Projection(nnx.Module):
   """The head's `Dense(F -> d_out)`, as `moment_jax.linen.Projection`.
 
   Parameters `kernel [F, d_out]` (LeCun normal) and `bias [d_out]` (zeros);
-  the product is `ops.split_matmul`. Called with `chunk`, the feature
-  pipeline `feature_fn` and the product run over `chunk` samples at a time.
+  `__call__` is `ops.project`, `chunked` is `ops.project_chunked`.
 
   Args:
     in_features: `F`.
@@ -69,16 +65,21 @@ class Projection(nnx.Module):
         rngs.params(), (in_features, features), param_dtype))
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
 
-  def __call__(self, x: jax.Array | None = None, *,
-               feature_fn: Callable[..., jax.Array] | None = None,
-               tokens: jax.Array | None = None, graph: jax.Array | None = None,
-               mask: jax.Array | None = None, chunk: int | None = None,
-               remat: Callable[..., Any] | None = None) -> jax.Array:
-    """`[batch, F] -> [batch, d_out]`, or fused with `feature_fn` over chunks."""
-    kernel, bias = nnx.nn.dtypes.promote_dtype(
-        (self.kernel[...], self.bias[...]), dtype=self.dtype)
-    return project(x, kernel, bias, precision=self.precision, feature_fn=feature_fn,
-                   tokens=tokens, graph=graph, mask=mask, chunk=chunk, remat=remat)
+  def _weights(self) -> tuple[jax.Array, jax.Array]:
+    return nnx.nn.dtypes.promote_dtype((self.kernel[...], self.bias[...]), dtype=self.dtype)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """`[batch, F] -> [batch, d_out]`."""
+    kernel, bias = self._weights()
+    return project(x, kernel, bias, self.precision)
+
+  def chunked(self, feature_fn: Callable[..., jax.Array], tokens: jax.Array,
+              graph: jax.Array | None, mask: jax.Array | None, *, chunk: int,
+              remat: Callable[..., Any] | None = None) -> jax.Array:
+    """`feature_fn(tokens, graph, mask)` and the product, `chunk` samples at a time."""
+    kernel, bias = self._weights()
+    return project_chunked(feature_fn, kernel, bias, tokens, graph, mask, chunk=chunk,
+                           remat=remat, precision=self.precision)
 
 
 class MomentHead(nnx.Module):
@@ -94,42 +95,23 @@ class MomentHead(nnx.Module):
 
   Args:
     d_in: token width `dim` of the inputs (NNX creates parameters eagerly).
-    d_out: output width.
-    use_third_order: append the Tensor Sketch of the third moment.
-    isqrt_iterations: Newton–Schulz steps (>= 1).
-    isqrt_normalization: "trace" or "frobenius" (see the Linen head).
-    isqrt_method: "newton_schulz" or "eigh" (see the Linen head).
-    isqrt_space: "auto", "channel" or "token" (see the Linen head).
-    sketch_dim: Tensor Sketch length (with the third order).
-    eps: ridge of the moment, degree floor and power-normalisation offset.
-    mlp: "single" or "double" (a second Dense d_out -> d_out).
-    dropout_rate: dropout probability, active only in training mode.
-    sketch_seed: seed of the sketch hashes.
-    d_reduce: optional Dense projection of the tokens to this width first.
-    dtype: compute dtype of the Dense layers; None infers from the inputs.
-    param_dtype: parameter dtype.
-    precision: matmul precision of every product.
-    policy: optional precision policy (name, "params=...,compute=..." string
-      or `Policy`); replaces `dtype`, `param_dtype` and `precision`.
-    remat_policy: None, "isqrt", "features", a `jax.checkpoint_policies`
-      name or a policy callable (`moment_jax.remat.resolve_remat`).
-    isqrt_chunk: run the feature pipeline and projection over this many
-      samples at a time.
-    check_values: False, True / "callback" or "checkify": value checks of the
-      inputs and every stage (see the Linen head).
+    config: a `HeadConfig` (default: its defaults).
     rngs: `params` stream for the weights, `dropout` stream for dropout.
+    **fields: `HeadConfig` fields, overriding `config`'s (e.g. `d_out=256`).
 
   Inputs: tokens `[batch, tokens, dim]`, optional graph `[tokens, tokens]` or
   `[batch, tokens, tokens]`, optional mask `[batch, tokens]` bool. Output
   `[batch, d_out]`.
 
   Example:
-    >>> head = MomentHead.from_preset("optimized", 64, d_out=32,
+    >>> head = MomentHead.from_preset("optimized", 8, d_out=16,
     ...                               rngs=nnx.Rngs(params=0, dropout=1))
-    >>> tokens, graph = jnp.ones((4, 196, 64)), grid_graph(14, 14)
-    >>> out = head(tokens, graph)   # training mode: batch statistics, dropout
+    >>> tokens, graph = jnp.ones((4, 16, 8)), grid_graph(4, 4)
+    >>> head(tokens, graph).shape   # training mode: batch statistics, dropout
+    (4, 16)
     >>> head.eval()
-    >>> out = head(tokens, graph)   # running statistics, no dropout
+    >>> head(tokens, graph).shape   # running statistics, no dropout
+    (4, 16)
 
   References:
     Li et al., "Towards Faster Training of Global Covariance Pooling Networks
@@ -138,137 +120,79 @@ class MomentHead(nnx.Module):
     Maps", KDD 2013.
   """
 
-  def __init__(
-      self,
-      d_in: int,
-      *,
-      d_out: int = 512,
-      use_third_order: bool = False,
-      isqrt_iterations: int = 3,
-      isqrt_normalization: str = "trace",
-      isqrt_method: str = "newton_schulz",
-      isqrt_space: str = "auto",
-      sketch_dim: int = 1024,
-      eps: float = 1e-5,
-      mlp: str = "single",
-      dropout_rate: float = 0.1,
-      sketch_seed: int = 0,
-      d_reduce: int | None = None,
-      dtype: Dtype | None = None,
-      param_dtype: Dtype = jnp.float32,
-      precision: PrecisionLike = None,
-      policy: str | Policy | None = None,
-      remat_policy: str | Callable[..., Any] | None = None,  # None: fastest, most memory
-      isqrt_chunk: int | None = None,
-      check_values: bool | str = False,
-      rngs: nnx.Rngs,
-  ):
-    if isinstance(d_in, bool) or not isinstance(d_in, int) or d_in < 1:
-      raise ValueError(f"d_in: expected an int >= 1, got {d_in!r}")
+  def __init__(self, d_in: int, config: HeadConfig | None = None, *, rngs: nnx.Rngs,
+               **fields: Any):
+    _checks.check_int("d_in", d_in)
+    unknown = sorted(set(fields) - set(FIELDS))
+    if unknown:
+      raise TypeError(f"MomentHead: unknown fields {unknown}; HeadConfig has {', '.join(FIELDS)}")
+    cfg = dataclasses.replace(config or HeadConfig(), **fields)
+    cfg.validate()
     self.d_in = d_in
-    self.d_out = d_out
-    self.use_third_order = use_third_order
-    self.isqrt_iterations = isqrt_iterations
-    self.isqrt_normalization = isqrt_normalization
-    self.isqrt_method = isqrt_method
-    self.isqrt_space = isqrt_space
-    self.sketch_dim = sketch_dim
-    self.eps = eps
-    self.mlp = mlp
-    self.dropout_rate = dropout_rate
-    self.sketch_seed = sketch_seed
-    self.d_reduce = d_reduce
-    self.dtype = dtype
-    self.param_dtype = param_dtype
-    self.precision = precision
-    self.policy = policy
-    self.remat_policy = remat_policy
-    self.isqrt_chunk = isqrt_chunk
-    self.check_values = check_values
-    spec = self.linen_module()
-    spec.validate()
+    self.config = cfg
 
     # With neither `policy` nor `dtype`, Linen's compute dtype is
     # promote(tokens, param_dtype), known only at call time; layers built with
     # dtype=None compute exactly that from inputs already cast to it.
-    explicit = policy is not None or dtype is not None
-    pol = spec.resolved_policy()
+    explicit = cfg.policy is not None or cfg.dtype is not None
+    pol = cfg.resolved_policy()
     compute = pol.compute_dtype if explicit else None
-    width = d_reduce if d_reduce is not None else d_in
-    if d_reduce is not None:
-      self.reduce = nnx.Linear(d_in, d_reduce, dtype=compute, param_dtype=pol.param_dtype,
+    if cfg.d_reduce is not None:
+      self.reduce = nnx.Linear(d_in, cfg.d_reduce, dtype=compute, param_dtype=pol.param_dtype,
                                precision=pol.matmul, rngs=rngs)
-    self.proj = Projection(feature_size(width, use_third_order, sketch_dim), d_out,
-                           dtype=pol.param_dtype, param_dtype=pol.param_dtype,
-                           precision=pol.matmul, rngs=rngs)
-    self.norm = nnx.BatchNorm(d_out, use_running_average=False, momentum=0.9,
+    self.proj = Projection(cfg.feature_size(d_in), cfg.d_out, dtype=pol.param_dtype,
+                           param_dtype=pol.param_dtype, precision=pol.matmul, rngs=rngs)
+    self.norm = nnx.BatchNorm(cfg.d_out, use_running_average=False, momentum=0.9,
                               epsilon=1e-5, dtype=compute, param_dtype=pol.param_dtype,
                               promote_dtype=_keep_dtypes, rngs=rngs)
-    self.dropout = nnx.Dropout(dropout_rate, deterministic=False, rngs=rngs)
-    if mlp == "double":
-      self.out = nnx.Linear(d_out, d_out, dtype=compute, param_dtype=pol.param_dtype,
+    self.dropout = nnx.Dropout(cfg.dropout_rate, deterministic=False, rngs=rngs)
+    if cfg.mlp == "double":
+      self.out = nnx.Linear(cfg.d_out, cfg.d_out, dtype=compute, param_dtype=pol.param_dtype,
                             precision=pol.matmul, rngs=rngs)
 
   @classmethod
   def from_preset(cls, name: str, d_in: int, *, rngs: nnx.Rngs,
-                  **overrides: Any) -> "MomentHead":
+                  **overrides: Any) -> MomentHead:
     """A head configured as preset `name` (see `moment_jax.presets`), with overrides."""
-    return cls(d_in, **{**presets.preset(name), **overrides}, rngs=rngs)
+    return cls(d_in, HeadConfig.from_preset(name, **overrides), rngs=rngs)
 
-  def config(self) -> dict[str, Any]:
-    """The keyword arguments shared with `moment_jax.linen.MomentHead`."""
-    return {k: getattr(self, k) for k in CONFIG_FIELDS}
-
-  def linen_module(self) -> _linen.MomentHead:
-    """The Linen head with this configuration (unbound; pair it with
-    `nnx_to_linen(self)` to apply it)."""
-    return _linen.MomentHead(**self.config())
+  def __getattr__(self, name: str) -> Any:
+    # The configuration's fields read as attributes (`head.d_out`), as on the Linen head.
+    cfg = self.__dict__.get("config")
+    if cfg is not None and name in FIELDS:
+      return getattr(cfg, name)
+    raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
   def __call__(self, tokens: jax.Array, graph: jax.Array | None = None,
                mask: jax.Array | None = None) -> jax.Array:
     """Applies the head: `[batch, tokens, dim]` -> `[batch, d_out]`."""
-    spec = self.linen_module()
-    spec.validate()
-    checks.check_call(tokens, graph, mask, values=self.check_values)
+    cfg = self.config
+    _checks.check_call(tokens, graph, mask, values=cfg.check_values)
     if tokens.shape[-1] != self.d_in:
       raise ValueError(
           f"tokens: width (last axis) {tokens.shape[-1]} differs from d_in={self.d_in} "
           f"the parameters were built for")
-    pol = spec.resolved_policy(tokens.dtype)
+    pol = cfg.resolved_policy(tokens.dtype)
 
     x = tokens.astype(pol.compute_dtype)
-    if self.d_reduce is not None:
+    if cfg.d_reduce is not None:
       x = self.reduce(x)
-    if self.isqrt_chunk is None:
-      y = self.proj(spec.feature_fn(pol)(x, graph, mask))
+    if cfg.isqrt_chunk is None:
+      y = self.proj(cfg.feature_fn(pol)(x, graph, mask))
     else:
-      _, ckpt = resolve_remat(self.remat_policy)
-      y = self.proj(feature_fn=spec.feature_fn(pol, outer_remat=False), tokens=x,
-                    graph=graph, mask=mask, chunk=self.isqrt_chunk, remat=ckpt)
+      y = self.proj.chunked(cfg.feature_fn(pol, outer_remat=False), x, graph, mask,
+                            chunk=cfg.isqrt_chunk, remat=cfg.chunk_remat())
     y = self.norm(y.astype(pol.compute_dtype))
     y = nnx.gelu(y, approximate=False)
     y = self.dropout(y)
-    if self.mlp == "double":
+    if cfg.mlp == "double":
       y = self.out(y)
-    y = checks.check_finite(y, "output", checks.check_mode(self.check_values))
+    y = _checks.check_finite(y, "output", _checks.check_mode(cfg.check_values))
     return y.astype(pol.output_dtype)
 
 
-def _check_tree(name: str, got: Any, want: Any) -> None:
-  """Raises `ValueError` unless `got` has `want`'s keys, shapes and dtypes."""
-  got_flat = dict(jax.tree_util.tree_flatten_with_path(got)[0])
-  want_flat = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-  path = lambda p: "/".join(str(getattr(k, "key", k)) for k in p)
-  if set(got_flat) != set(want_flat):
-    raise ValueError(
-        f"variables[{name!r}]: expected entries {sorted(map(path, want_flat))}, "
-        f"got {sorted(map(path, got_flat))}")
-  for p, w in want_flat.items():
-    g = got_flat[p]
-    if jnp.shape(g) != jnp.shape(w) or jnp.result_type(g) != jnp.result_type(w):
-      raise ValueError(
-          f"variables[{name!r}]/{path(p)}: expected {jnp.result_type(w)}{list(jnp.shape(w))}, "
-          f"got {jnp.result_type(g)}{list(jnp.shape(g))}")
+def _shape_dtype(x: Any) -> str:
+  return f"{jnp.result_type(x)}{list(jnp.shape(x))}"
 
 
 def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
@@ -292,7 +216,10 @@ def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
       continue
     state = nnx.state(model, kind)
     new = jax.tree.map(lambda x: x, dict(variables[collection]))
-    _check_tree(collection, new, nnx.to_pure_dict(state))
+    _trees.check_entries(
+        f"variables[{collection!r}]: does not match the NNX head; nothing was loaded:",
+        {k: _shape_dtype(v) for k, v in _trees.flat(new).items()},
+        {k: _shape_dtype(v) for k, v in _trees.flat(nnx.to_pure_dict(state)).items()})
     nnx.replace_by_pure_dict(state, new)
     updates.append(state)
   nnx.update(model, *updates)
@@ -302,8 +229,8 @@ def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
 def nnx_to_linen(model: MomentHead) -> dict[str, Any]:
   """The Linen variables `{"params": ..., "batch_stats": ...}` of an NNX head.
 
-  `model.linen_module().apply(nnx_to_linen(model), tokens, train=...)` gives
-  the NNX head's numbers.
+  `moment_jax.MomentHead.from_config(model.config).apply(nnx_to_linen(model),
+  tokens, train=...)` gives the NNX head's numbers.
   """
   return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
           "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}

@@ -24,6 +24,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+__all__ = ["NAMED_POLICIES", "Policy", "get_policy", "parse_policy"]
+
 _MATMUL = {
     "default": jax.lax.Precision.DEFAULT,
     "tf32": jax.lax.Precision.DEFAULT,  # XLA:GPU runs DEFAULT f32 dots in TF32

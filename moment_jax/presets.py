@@ -1,9 +1,11 @@
-"""The named configurations of SPEC.md ("Presets")."""
+"""The named configurations of docs/math.md section 8 ("Presets")."""
 
 from __future__ import annotations
 
 import types
 from typing import Any
+
+__all__ = ["PRESETS", "PRESET_NAMES", "preset"]
 
 _PRESETS = {
     # The unoptimised design (~300M parameters at D=768).

@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import jax
 
+__all__ = ["CHECKPOINT_NAMES", "PIPELINE_POLICIES", "resolve_remat"]
+
 # Policies that trade recomputation for memory in the moment pipeline itself.
 PIPELINE_POLICIES = ("isqrt", "features")
 # Factories of jax.checkpoint_policies that take checkpoint names; the other

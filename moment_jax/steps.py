@@ -10,6 +10,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+__all__ = ["count_params", "make_grad_step", "make_loss", "variable_shapes"]
+
 
 def make_loss(head: Any, graph: Any = None) -> Callable[..., Any]:
   """`loss(params, batch_stats, tokens, key) -> (loss, new_batch_stats)`.

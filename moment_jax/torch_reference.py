@@ -1,4 +1,4 @@
-"""The PyTorch design, written from SPEC.md: the peer of `moment_jax.MomentHead`.
+"""The PyTorch design, written from docs/math.md: the peer of `moment_jax.MomentHead`.
 
 Requires the optional `torch` extra (`pip install "moment-jax[torch]"`);
 `import moment_jax` never imports this module, and `moment_jax.convert`
@@ -10,10 +10,10 @@ works without torch. The module mirrors the original PyTorch design:
 * degrees as row sums (`graph.sum(-1)`) and `torch.rsqrt(deg.clamp(min=eps))`;
 * the upper-triangle indices built once (`torch.triu_indices`), kept as a
   non-persistent buffer that follows the module across devices;
-* the coupled Newton–Schulz iteration exactly as SPEC section 3 (`3K - 3`
+* the coupled Newton–Schulz iteration exactly as docs/math.md section 3 (`3K - 3`
   products), checkpointed with `torch.utils.checkpoint` when
   `checkpoint_isqrt` is set and the module trains;
-* the Tensor Sketch with the hashes of SPEC section 5
+* the Tensor Sketch with the hashes of docs/math.md section 6
   (`moment_jax.ops.sketch.sketch_hashes`, pure NumPy) and `torch.fft`.
 
 One addition to the original: an optional `d_reduce` Linear (`reduce.*`) on
@@ -45,13 +45,16 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moment_jax import presets
-from moment_jax.linen import check_head_config
-from moment_jax.ops.features import check_config, feature_size
+from moment_jax.config import HeadConfig
+from moment_jax.ops._checks import check_int
+from moment_jax.ops.features import feature_size
 from moment_jax.ops.sketch import sketch_hashes
+
+__all__ = ["MomentHead", "newton_schulz_sqrt", "power_normalize"]
 
 
 def newton_schulz_sqrt(m2: torch.Tensor, iterations: int) -> torch.Tensor:
-  """SPEC section 3, literally: coupled Newton–Schulz, `3K - 3` products for K >= 2.
+  """docs/math.md section 3, literally: coupled Newton–Schulz, `3K - 3` products for K >= 2.
 
   Args:
     m2: `[batch, dim, dim]` symmetric positive definite.
@@ -82,13 +85,8 @@ def power_normalize(m: torch.Tensor, eps: float) -> torch.Tensor:
   return torch.sign(m) * ((m.abs() + eps) ** (1.0 / 3.0) - eps ** (1.0 / 3.0))
 
 
-def _check_int(name: str, value: Any, low: int) -> None:
-  if isinstance(value, bool) or not isinstance(value, int) or value < low:
-    raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
-
-
 class MomentHead(nn.Module):
-  """Second-order moment head (SPEC.md) in PyTorch: graph propagation,
+  """Second-order moment head (docs/math.md) in PyTorch: graph propagation,
   square-rooted covariance, optional third-order sketch, then
   Linear -> BatchNorm1d -> GELU -> Dropout (-> Linear).
 
@@ -118,11 +116,11 @@ class MomentHead(nn.Module):
                mlp: str = "single", dropout_rate: float = 0.1, sketch_seed: int = 0,
                checkpoint_isqrt: bool = False, d_reduce: int | None = None):
     super().__init__()
-    _check_int("d_in", d_in, 1)
-    check_config(isqrt_iterations, use_third_order, sketch_dim)
-    check_head_config(d_out, mlp, dropout_rate, d_reduce)
-    if not eps > 0:
-      raise ValueError(f"eps: expected a float > 0, got {eps!r}")
+    check_int("d_in", d_in)
+    HeadConfig(d_out=d_out, use_third_order=use_third_order,
+               isqrt_iterations=isqrt_iterations, sketch_dim=sketch_dim, eps=eps, mlp=mlp,
+               dropout_rate=dropout_rate, sketch_seed=sketch_seed,
+               d_reduce=d_reduce).validate()
     self.d_in, self.d_out, self.d_reduce = d_in, d_out, d_reduce
     self.use_third_order, self.isqrt_iterations = use_third_order, isqrt_iterations
     self.sketch_dim, self.sketch_seed, self.eps = sketch_dim, sketch_seed, eps
@@ -153,7 +151,7 @@ class MomentHead(nn.Module):
 
   @classmethod
   def from_preset(cls, name: str, d_in: int, **overrides: Any) -> "MomentHead":
-    """A head configured as preset `name` of SPEC.md (`moment_jax.presets`), with overrides."""
+    """A head configured as preset `name` of docs/math.md section 8 (`moment_jax.presets`), with overrides."""
     return cls(d_in, **{**presets.preset(name), **overrides})
 
   def extra_repr(self) -> str:
@@ -185,7 +183,7 @@ class MomentHead(nn.Module):
       raise ValueError(f"mask: expected shape ({b}, {n}), got {tuple(mask.shape)}")
 
   def _sketch(self, hc: torch.Tensor, n: torch.Tensor) -> torch.Tensor:
-    """SPEC section 5: `[batch, tokens, dim]` centred tokens -> `[batch, sketch_dim]`."""
+    """docs/math.md section 6: `[batch, tokens, dim]` centred tokens -> `[batch, sketch_dim]`."""
     # FFTs in at least float32 (also under bf16 autocast).
     hc = hc.to(torch.promote_types(hc.dtype, torch.float32))
     spectrum = None
@@ -205,7 +203,7 @@ class MomentHead(nn.Module):
 
   def features(self, tokens: torch.Tensor, graph: torch.Tensor | None = None,
                mask: torch.Tensor | None = None) -> torch.Tensor:
-    """SPEC sections 1-5 (after the optional `reduce`): `[batch, tokens, d_in]` -> `[batch, F]`."""
+    """docs/math.md sections 1-6 (after the optional `reduce`): `[batch, tokens, d_in]` -> `[batch, F]`."""
     self._check_inputs(tokens, graph, mask)
     h = tokens if self.d_reduce is None else self.reduce(tokens)
     b, n_tok, d = h.shape

@@ -1,7 +1,8 @@
-"""Shared test helpers (not a reference: see reference.py for the float64 SPEC)."""
+"""Shared test helpers (not a reference: see reference.py for the float64 spec)."""
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def head_grads(head, variables, tokens, graph=None, mask=None, key=0):
@@ -16,3 +17,8 @@ def head_grads(head, variables, tokens, graph=None, mask=None, key=0):
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
       variables["params"], tokens)
   return out, grads
+
+
+def random_tokens(seed=0, shape=(4, 9, 8), scale=1.0):
+  """Float32 standard-normal tokens `[batch, tokens, dim]`, times `scale`, from `seed`."""
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)

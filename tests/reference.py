@@ -1,4 +1,4 @@
-"""A float64 NumPy implementation of SPEC.md, written from the spec alone.
+"""A float64 NumPy implementation of the spec (docs/math.md), written from it alone.
 
 Tests compare moment_jax against these functions, never against itself.
 """
@@ -42,7 +42,7 @@ def second_moment(h, mask=None, eps=1e-5):
 
 
 def newton_schulz(m, k, normalization="trace"):
-  """SPEC section 3, literally, in float64; "frobenius" divides by ||M||_F
+  """docs/math.md section 3, literally, in float64; "frobenius" divides by ||M||_F
   instead of tr(M) (and multiplies by its square root at the end)."""
   m = np.asarray(m, np.float64)
   eye = np.eye(m.shape[-1])

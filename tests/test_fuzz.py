@@ -217,7 +217,7 @@ U = 2.0 ** -24  # float32 unit round-off
 @functools.lru_cache(maxsize=None)
 def ns_constants(k):
   """max |p|, |p'|, |q'|, |q - x q'| on [-0.01, 1.01] for K = k Newton-Schulz
-  steps: `p` is SPEC section 3 on scalars, `q = p^2`."""
+  steps: `p` is docs/math.md section 3 on scalars, `q = p^2`."""
   x = np.linspace(-0.01, 1.01, 20001)
   if k == 1:
     p = 0.5 * x * (3 - x)

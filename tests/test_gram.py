@@ -2,6 +2,7 @@
 same numbers as the channel form and the float64 reference, the same
 gradients, no D x D x D product anywhere."""
 
+import functools
 import dataclasses
 
 import chex
@@ -13,7 +14,7 @@ from jax.extend import core as jex_core
 from jax.test_util import check_grads
 
 import reference as ref
-from helpers import head_grads
+from helpers import head_grads, random_tokens
 from moment_jax import MomentHead, grid_graph, ops
 from moment_jax.ops import sqrtm as sq
 from test_ops import random_graph, random_mask, rel_err
@@ -22,12 +23,10 @@ B, N, D = 3, 9, 24  # fewer tokens than channels, as in ViT-B (196 < 768)
 G = grid_graph(3, 3)
 
 
-def tokens(seed=0, shape=(B, N, D), scale=1.0):
-  x = np.random.default_rng(seed).normal(size=shape) * scale
-  return jnp.asarray(x, jnp.float32)
+tokens = functools.partial(random_tokens, shape=(B, N, D))
 
 
-def token_root(x, mask, k, norm="trace", **kw):
+def _token_root(x, mask, k, norm="trace", **kw):
   hc, n = ops.center(x, mask)
   return ops.gram_sqrtm(ops.token_gram(hc, n, precision=kw.get("precision")), hc, n, 1e-5,
                         k, normalization=norm, **kw)
@@ -36,7 +35,7 @@ def token_root(x, mask, k, norm="trace", **kw):
 @pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 10])
 def test_matches_the_polynomial(norm, k):
-  """Against SPEC's iteration on the D x D moment in float64. Float32 at the
+  """Against the spec's iteration (docs/math.md section 3) on the D x D moment in float64. Float32 at the
   highest precision; 1e-5 for the Z-only loop (K <= 7): round-off of ~1e-7 per
   product grown over <= 27 products, the channel form's bound too. The coupled
   loop (K >= 8) carries two iterates whose round-off the Gram form amplifies
@@ -46,7 +45,7 @@ def test_matches_the_polynomial(norm, k):
   x = rng.normal(size=(B, N, D)) * np.array([1.0, 30.0, 0.03])[:, None, None]
   mask = random_mask(rng, B, N)
   want = ref.newton_schulz(ref.second_moment(x, mask), k, norm)
-  got = token_root(jnp.asarray(x, jnp.float32), jnp.asarray(mask), k, norm,
+  got = _token_root(jnp.asarray(x, jnp.float32), jnp.asarray(mask), k, norm,
                    precision="highest")
   assert got.shape == (B, D, D) and got.dtype == jnp.float32
   assert rel_err(got, want) < (1e-5 if k <= sq.Z_ONLY_MAX_ITERATIONS else 1e-4)
@@ -132,7 +131,7 @@ def test_grads_second_order(k, norm):
   coupled loop. A masked token is in the input (its gradient is zero)."""
   x = jnp.asarray(np.random.default_rng(k).normal(size=(2, 4, 7)))
   mask = jnp.asarray([[True, True, True, False], [True] * 4])
-  check_grads(lambda t: token_root(t, mask, k, norm, precision="highest"), (x,), order=2,
+  check_grads(lambda t: _token_root(t, mask, k, norm, precision="highest"), (x,), order=2,
               modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
 
 

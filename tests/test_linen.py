@@ -1,5 +1,6 @@
 """MomentHead (flax.linen): presets, the float64 reference, bad and degenerate input."""
 
+import functools
 import chex
 import jax
 import jax.numpy as jnp
@@ -7,15 +8,14 @@ import numpy as np
 import pytest
 
 import reference as ref
-from helpers import head_grads
+from helpers import head_grads, random_tokens
 from moment_jax import MomentHead, PRESET_NAMES, feature_size, grid_graph, preset
 
 B, N, D = 3, 9, 6
 SMALL = dict(sketch_dim=16, d_out=8)  # small sketches keep the sweep fast
 
 
-def tokens(seed=0, shape=(B, N, D), scale=1.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+tokens = functools.partial(random_tokens, shape=(B, N, D))
 
 
 def init(head, x, graph=None, mask=None):

@@ -4,6 +4,7 @@ Absolute GPU figures live in benchmarks/memory_gpu.py and docs/memory.md; here
 only what compiled analysis and residual listings fix exactly.
 """
 
+import functools
 import dataclasses
 import operator
 
@@ -15,7 +16,7 @@ import numpy as np
 import optax
 import pytest
 
-from helpers import head_grads
+from helpers import head_grads, random_tokens
 from moment_jax import MomentHead, grid_graph, memory, ops, steps
 from moment_jax.linen import Projection
 from moment_jax.ops.sqrtm import Z_ONLY_MAX_ITERATIONS
@@ -25,8 +26,7 @@ B, N, D = 3, 9, 6
 G = grid_graph(3, 3)
 
 
-def tokens(seed=0, shape=(B, N, D)):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+tokens = functools.partial(random_tokens, shape=(B, N, D))
 
 
 def grads(head, v, x, mask=None):

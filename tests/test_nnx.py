@@ -1,5 +1,6 @@
 """MomentHead (flax.nnx) against the Linen head: same weights, same numbers."""
 
+import functools
 import chex
 import jax
 import jax.numpy as jnp
@@ -10,6 +11,7 @@ from flax import nnx
 from moment_jax import PRESET_NAMES, grid_graph
 from moment_jax.linen import MomentHead as LinenHead
 from moment_jax.nnx import MomentHead, linen_to_nnx, nnx_to_linen
+from helpers import random_tokens
 
 B, N, D = 4, 9, 8
 SMALL = dict(sketch_dim=16, d_out=8)  # small sketches keep the sweep fast
@@ -26,15 +28,14 @@ TOL = {"float32": dict(rtol=1e-6, atol=1e-6), "bfloat16": dict(rtol=2**-7, atol=
 STATS_TOL = {"float32": dict(rtol=1e-6, atol=1e-6), "bfloat16": dict(rtol=1e-5, atol=1e-6)}
 
 
-def tokens(seed=0, shape=(B, N, D)):
-  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+tokens = functools.partial(random_tokens, shape=(B, N, D))
 
 
 def pair(name, policy, **kw):
   """An NNX head and the Linen variables it was loaded from."""
   cfg = dict(SMALL, policy=policy, **kw)
   model = MomentHead.from_preset(name, D, rngs=nnx.Rngs(0), **cfg)
-  linen = model.linen_module()
+  linen = LinenHead.from_config(model.config)
   variables = linen.init(jax.random.key(1), tokens(), train=False)
   # Non-trivial running statistics, so eval mode tests them too.
   rng = np.random.default_rng(2)
@@ -108,7 +109,7 @@ def test_round_trip_and_submodule_names():
   chex.assert_shape(variables["params"]["proj"]["kernel"], (6 * 7 // 2 + 16, 8))
   model.eval()
   x = tokens(6)
-  chex.assert_trees_all_close(model(x), model.linen_module().apply(variables, x, train=False),
+  chex.assert_trees_all_close(model(x), LinenHead.from_config(model.config).apply(variables, x, train=False),
                               **TOL["float32"])
   other = MomentHead.from_preset("original", D, rngs=nnx.Rngs(4), d_reduce=6, **SMALL)
   linen_to_nnx(variables, other)

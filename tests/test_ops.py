@@ -1,4 +1,4 @@
-"""Every op of moment_jax.ops against the float64 NumPy reference of SPEC.md.
+"""Every op of moment_jax.ops against the float64 NumPy reference of docs/math.md.
 
 Tolerances: the ops run in float32 (highest matmul precision). Relative
 errors are norm-wise per sample, ||x - ref|| / ||ref||. float32 has a unit

@@ -7,7 +7,7 @@ statistics are set to random values on the scale of the batch's projections
 Errors are relative and norm-wise: `max_i ||a_i - b_i|| / ||b_i||` over the
 samples for outputs, `||a - b|| / ||b||` over the whole array for gradients.
 Tolerances (float32 on both sides, highest matmul precision):
-  * outputs 1e-5 (SPEC's guarantee): both sides are float32 evaluations of
+  * outputs 1e-5 (the spec's guarantee, docs/math.md): both sides are float32 evaluations of
     the same formula; measured ~1e-6, the sum of two ~5e-7 errors against
     float64;
   * gradients 1e-4: the backward of the Newton–Schulz iteration and of

@@ -1,4 +1,4 @@
-"""The whole feature pipeline of SPEC sections 1-5, as one pure function."""
+"""The whole feature pipeline of docs/math.md sections 1-6, as one pure function."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 from flax.typing import Dtype, PrecisionLike
 
-from moment_jax.ops import checks
+from moment_jax.ops import _checks as checks
+from moment_jax.ops.chunk import check_chunk, map_samples
 from moment_jax.ops.gram import check_space, gram_sqrtm, token_gram, use_token_space
 from moment_jax.ops.graph import normalize_graph, propagate
 from moment_jax.ops.moment import center, centered_moment
@@ -18,6 +19,8 @@ from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
 from moment_jax.ops.sqrtm import (check_iterations, check_method, check_normalization,
                                   matrix_sqrt)
 from moment_jax.ops.triu import triu_size, triu_vector
+
+__all__ = ["feature_size", "moment_features"]
 
 
 def feature_size(dim: int, use_third_order: bool = False, sketch_dim: int = 1024) -> int:
@@ -70,13 +73,13 @@ def moment_features(
       non-negative edge weights; `None` means no propagation.
     mask: optional `[batch, tokens]` bool, `False` for padding tokens.
     isqrt_iterations: Newton–Schulz steps `K >= 1`.
-    isqrt_normalization: "trace" (SPEC's; the original's numbers) or
+    isqrt_normalization: "trace" (the spec's; the original's numbers) or
       "frobenius" (same cost, closer to the exact root at small K; see
       docs/numerics.md).
     isqrt_method: "newton_schulz" or "eigh" (the exact root, for evaluation
       and reference; much slower on GPU).
     isqrt_space: where Newton–Schulz runs: "channel" (on the `[dim, dim]`
-      moment, SPEC's literal form), "token" (on the `[tokens, tokens]` Gram
+      moment, docs/math.md's literal form), "token" (on the `[tokens, tokens]` Gram
       matrix: the same iterates, far fewer FLOPs when tokens < dim; see
       `ops.gram`) or "auto" (the cheaper of the two; "channel" for "eigh").
     use_third_order: append the Tensor Sketch of the third moment.
@@ -127,38 +130,6 @@ def moment_features(
   return map_samples(fn, isqrt_chunk, tokens, graph, mask)
 
 
-def check_chunk(chunk: int | None) -> None:
-  """Validates `isqrt_chunk` (None or a static int >= 1)."""
-  if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
-                            or chunk < 1):
-    raise ValueError(f"isqrt_chunk: expected None or an int >= 1, got {chunk!r}")
-
-
-def map_samples(
-    fn: Callable[..., jax.Array],
-    chunk: int,
-    tokens: jax.Array,
-    graph: jax.Array | None,
-    mask: jax.Array | None,
-) -> jax.Array:
-  """`fn(tokens, graph, mask)` on `chunk` samples at a time (`lax.map`).
-
-  `fn` takes a batch `[b, tokens, dim]` (with the matching graph and mask)
-  and returns `[b, ...]`. A shared `[tokens, tokens]` graph is closed over,
-  not sliced. The workspace of `fn` is that of `chunk` samples whatever the
-  batch; pair it with `jax.checkpoint` on `fn` to bound the residuals too.
-  """
-  shared = graph is not None and graph.ndim == 2
-  xs = (tokens, None if shared else graph, mask)
-
-  def one(x):
-    t, g, m = x
-    g = graph if shared else (None if g is None else g[None])
-    return fn(t[None], g, None if m is None else m[None])[0]
-
-  return jax.lax.map(one, xs, batch_size=chunk)
-
-
 def pipeline(
     tokens: jax.Array,
     graph: jax.Array | None,
@@ -190,10 +161,10 @@ def pipeline(
   hc, n = center(h, mask, dtype=dtype)
   if isqrt_method == "newton_schulz" and use_token_space(
       h.shape[1], h.shape[2], isqrt_iterations, isqrt_space):
-    s = token_root(hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype,
+    s = _token_root(hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype,
                    precision, remat_isqrt, check)
   else:
-    s = channel_root(hc, n, eps, isqrt_iterations, isqrt_normalization, isqrt_method,
+    s = _channel_root(hc, n, eps, isqrt_iterations, isqrt_normalization, isqrt_method,
                      sqrt_dtype, precision, remat_isqrt, check)
   s = checkpoint_name(checks.check_finite(s, "sqrtm", check), "sqrtm")
 
@@ -204,9 +175,9 @@ def pipeline(
   return checkpoint_name(checks.check_finite(feats, "features", check), "features")
 
 
-def channel_root(hc, n, eps, iterations, normalization, method, sqrt_dtype, precision,
+def _channel_root(hc, n, eps, iterations, normalization, method, sqrt_dtype, precision,
                  remat_isqrt, check) -> jax.Array:
-  """The moment `[batch, dim, dim]` and its square root (SPEC sections 2-3)."""
+  """The moment `[batch, dim, dim]` and its square root (docs/math.md sections 2-3)."""
   # The moment is stored in the square root's dtype: bf16 policies keep a
   # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
   m2 = centered_moment(hc, n, eps, precision=precision, accumulate=sqrt_dtype)
@@ -219,7 +190,7 @@ def channel_root(hc, n, eps, iterations, normalization, method, sqrt_dtype, prec
   return sqrt(m2)
 
 
-def token_root(hc, n, eps, iterations, normalization, sqrt_dtype, precision, remat_isqrt,
+def _token_root(hc, n, eps, iterations, normalization, sqrt_dtype, precision, remat_isqrt,
                check) -> jax.Array:
   """The same root through the `[batch, tokens, tokens]` Gram matrix
   (`ops.gram`), which is tagged "moment" for remat policies."""

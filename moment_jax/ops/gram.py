@@ -11,7 +11,7 @@ multiply as
 
 So the iteration can carry `(a, P)` pairs: each product costs `2 tokens^3`
 FLOPs instead of `dim^3`, and only the result is mapped back to channels,
-`S = sqrt(c) (a I + U^T P U)`. In exact arithmetic this is SPEC section 3's
+`S = sqrt(c) (a I + U^T P U)`. In exact arithmetic this is docs/math.md section 3's
 polynomial, product for product; for ViT-B (196 tokens, 768 channels) it
 does ~10x fewer FLOPs at K=3 and keeps no `[dim, dim]` residual but `S`.
 It pays off whenever tokens are fewer than channels (`use_token_space`).
@@ -25,26 +25,28 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
+from moment_jax.ops import _checks
 from moment_jax.ops.sqrtm import (Z_ONLY_MAX_ITERATIONS, check_iterations,
                                   check_normalization, check_stability)
 
+__all__ = ["gram_sqrtm", "token_gram", "use_token_space"]
+
 SPACES = ("auto", "channel", "token")
 
-class Diag(NamedTuple):
+class _Diag(NamedTuple):
   """`P = s I`, `s` `[batch, 1, 1]`: kept symbolic, so products with it cost
   one GEMM (or none) instead of two."""
   s: jax.Array
 
 
 # A Newton–Schulz iterate `a I + U^T P U`: `a` is `[batch, 1, 1]` (float32 or
-# wider), `P` a `[batch, tokens, tokens]` array in the iteration's dtype or a `Diag`.
-Element = tuple[jax.Array, "jax.Array | Diag"]
+# wider), `P` a `[batch, tokens, tokens]` array in the iteration's dtype or a `_Diag`.
+_Element = tuple[jax.Array, "jax.Array | _Diag"]
 
 
 def check_space(space: str) -> str:
   """Validates `isqrt_space` ("auto", "channel" or "token")."""
-  if space not in SPACES:
-    raise ValueError(f"isqrt_space: expected one of {', '.join(SPACES)}, got {space!r}")
+  _checks.check_choice("isqrt_space", space, SPACES)
   return space
 
 
@@ -75,29 +77,29 @@ class _Algebra:
     # the wide copies.
     return s.astype(self.dtype)
 
-  def dense(self, p: "jax.Array | Diag") -> jax.Array:
-    return self.cast(p.s) * self.eye if isinstance(p, Diag) else p
+  def dense(self, p: "jax.Array | _Diag") -> jax.Array:
+    return self.cast(p.s) * self.eye if isinstance(p, _Diag) else p
 
-  def mul(self, x: Element, y: Element) -> Element:
+  def mul(self, x: _Element, y: _Element) -> _Element:
     """`(a, P)(b, Q) = (ab, aQ + bP + P G Q)`."""
     (a, p), (b, q) = x, y
     c = self.cast
-    if isinstance(p, Diag) and isinstance(q, Diag):
+    if isinstance(p, _Diag) and isinstance(q, _Diag):
       return a * b, c(a * q.s + b * p.s) * self.eye + c(p.s * q.s) * self.g
-    if isinstance(p, Diag):
+    if isinstance(p, _Diag):
       return a * b, c(a) * q + c(b * p.s) * self.eye + c(p.s) * self.mm(self.g, q)
-    if isinstance(q, Diag):
+    if isinstance(q, _Diag):
       return a * b, c(b) * p + c(a * q.s) * self.eye + c(q.s) * self.mm(p, self.g)
     return a * b, c(a) * q + c(b) * p + self.mm(self.mm(p, self.g), q)
 
-  def comb(self, s: float, x: Element, t: float, y: Element) -> Element:
+  def comb(self, s: float, x: _Element, t: float, y: _Element) -> _Element:
     """`s x + t y`."""
     a = s * x[0] + t * y[0]
-    if isinstance(x[1], Diag) and isinstance(y[1], Diag):
-      return a, Diag(s * x[1].s + t * y[1].s)
+    if isinstance(x[1], _Diag) and isinstance(y[1], _Diag):
+      return a, _Diag(s * x[1].s + t * y[1].s)
     return a, (s * self.dense(x[1]) + t * self.dense(y[1])).astype(self.dtype)
 
-  def scale(self, s: float, x: Element) -> Element:
+  def scale(self, s: float, x: _Element) -> _Element:
     return s * x[0], (s * self.dense(x[1])).astype(self.dtype)
 
 
@@ -132,7 +134,7 @@ def gram_sqrtm(
   `g = token_gram(hc, n)`.
 
   The same iterates as `second_moment` followed by `sqrtm_newton_schulz`
-  (SPEC sections 2-3: trace or Frobenius scaling, `K` coupled steps, `Z`
+  (docs/math.md sections 2-3: trace or Frobenius scaling, `K` coupled steps, `Z`
   alone in the loop up to `Z_ONLY_MAX_ITERATIONS`), computed as described
   in this module's docstring.
 
@@ -155,8 +157,11 @@ def gram_sqrtm(
     `[batch, dim, dim]` approximation of `M^{1/2}` in `dtype`.
 
   Example:
-    >>> hc, n = center(tokens)
+    >>> tokens = jax.random.normal(jax.random.key(0), (2, 16, 32))
+    >>> hc, n = ops.center(tokens)
     >>> s = gram_sqrtm(token_gram(hc, n), hc, n, 1e-5, iterations=3)
+    >>> s.shape   # [batch, dim, dim], as the channel-space root
+    (2, 32, 32)
   """
   k = check_iterations(iterations)
   check_normalization(normalization)
@@ -169,14 +174,14 @@ def gram_sqrtm(
   g = g.astype(acc)
   c = _scale(g, eps, dim, normalization)
   alg = _Algebra(g, dtype, precision)
-  a_el = (eps / c, Diag(1 / c))  # A = M / c
+  a_el = (eps / c, _Diag(1 / c))  # A = M / c
   if k == 1:
-    three_minus_a = (3.0 - a_el[0], Diag(-1 / c))
+    three_minus_a = (3.0 - a_el[0], _Diag(-1 / c))
     y = alg.scale(0.5, alg.mul(a_el, three_minus_a))
   else:
     if coupled is None:
       coupled = k > Z_ONLY_MAX_ITERATIONS
-    z = (1.5 - 0.5 * a_el[0], Diag(-0.5 / c))  # iteration 1: Z = T
+    z = (1.5 - 0.5 * a_el[0], _Diag(-0.5 / c))  # iteration 1: Z = T
 
     def z_only(z):  # Z <- 1.5 Z - 0.5 (Z (A Z)) Z
       return alg.comb(1.5, z, -0.5, alg.mul(alg.mul(z, alg.mul(a_el, z)), z))
@@ -214,7 +219,7 @@ def _scale(g: jax.Array, eps: float, dim: int, normalization: str) -> jax.Array:
   return big * jnp.sqrt(dim * (eps / big)**2 + 2 * (eps / big) * (tr / big) + sq)
 
 
-def _to_channels(y: Element, c, hc, n, dtype, precision) -> jax.Array:
+def _to_channels(y: _Element, c, hc, n, dtype, precision) -> jax.Array:
   """`sqrt(c) (a I + U^T P U)` as `[batch, dim, dim]`, with `U = hc / sqrt(n)`."""
   a, p = y
   root = jnp.sqrt(c)

@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import PrecisionLike
 
+__all__ = ["grid_graph", "normalize_graph", "propagate"]
+
 
 def normalize_graph(
     graph: jax.Array,

@@ -6,8 +6,10 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
+__all__ = ["center", "centered_moment", "second_moment"]
 
-def stage_dtype(x: jax.Array, dtype: Dtype | None) -> jnp.dtype:
+
+def _stage_dtype(x: jax.Array, dtype: Dtype | None) -> jnp.dtype:
   """The dtype a statistic is computed in: `dtype`, or at least float32."""
   if dtype is not None:
     return jnp.dtype(dtype)
@@ -31,7 +33,7 @@ def center(
     `(hc, n)`: centred `[batch, tokens, dim]` with zero padding rows, and the
     number of valid tokens `[batch]` (float, at least 1).
   """
-  dtype = stage_dtype(h, dtype)
+  dtype = _stage_dtype(h, dtype)
   h = h.astype(dtype)
   if mask is None:
     n = jnp.full(h.shape[:1], h.shape[1], dtype)
@@ -64,7 +66,7 @@ def centered_moment(
   Returns:
     `[batch, dim, dim]` symmetric positive definite, in the `accumulate` dtype.
   """
-  acc = stage_dtype(hc, accumulate)
+  acc = _stage_dtype(hc, accumulate)
   m2 = jnp.einsum("bnd,bne->bde", hc, hc, precision=precision,
                   preferred_element_type=acc)
   d = hc.shape[-1]
@@ -79,7 +81,7 @@ def second_moment(
     dtype: Dtype | None = None,
     precision: PrecisionLike = None,
 ) -> jax.Array:
-  """Centred second moment of each sample's tokens, SPEC section 2.
+  """Centred second moment of each sample's tokens, docs/math.md section 2.
 
   Args:
     h: `[batch, tokens, dim]` (propagated) tokens.

@@ -14,17 +14,20 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import Dtype
 
+from moment_jax.ops import _checks
+
+__all__ = ["count_sketch", "power_normalize", "sketch_hashes", "tensor_sketch_moment"]
+
 
 def check_sketch_dim(sketch_dim: int) -> int:
   """Validates the sketch length (a static Python int >= 1)."""
-  if isinstance(sketch_dim, bool) or not isinstance(sketch_dim, int) or sketch_dim < 1:
-    raise ValueError(f"sketch_dim: expected an int >= 1, got {sketch_dim!r}")
+  _checks.check_int("sketch_dim", sketch_dim)
   return sketch_dim
 
 
 @functools.lru_cache(maxsize=None)
 def sketch_hashes(dim: int, sketch_dim: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-  """The three count-sketch hashes of SPEC section 5, drawn exactly as specified.
+  """The three count-sketch hashes of docs/math.md section 6, drawn exactly as specified.
 
   Returns:
     `(h, s)`, each `[3, dim]`: bucket (int32 in `[0, sketch_dim)`) and sign
@@ -64,7 +67,7 @@ def tensor_sketch_moment(
     *,
     dtype: Dtype | None = None,
 ) -> jax.Array:
-  """Power-normalised Tensor Sketch of the third moment, SPEC section 5.
+  """Power-normalised Tensor Sketch of the third moment, docs/math.md section 6.
 
   Args:
     hc: centred tokens `[batch, tokens, dim]`, zero on padding rows.

@@ -16,6 +16,18 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
+from moment_jax.ops import _checks
+
+__all__ = [
+    "STABILITY_LIMITS",
+    "Z_ONLY_MAX_ITERATIONS",
+    "coupled_step",
+    "matrix_sqrt",
+    "newton_schulz_step",
+    "sqrtm_eigh",
+    "sqrtm_newton_schulz",
+]
+
 
 def _mm(a, b, precision, out=None):
   # GPU GEMMs accumulate bf16 operands in float32 whatever the output dtype,
@@ -30,9 +42,9 @@ def newton_schulz_step(
 ) -> jax.Array:
   """One coupled step, carried by `Z` alone: `Y = A Z;  Z <- 1.5 Z - 0.5 (Z Y) Z`.
 
-  That is SPEC's `T = (3I - Z Y) / 2;  Z <- T Z`, written so that no `T` is
+  That is docs/math.md's `T = (3I - Z Y) / 2;  Z <- T Z`, written so that no `T` is
   formed: the update is a product plus a scaled matrix, which XLA folds into
-  the GEMM's epilogue (`alpha * A B + beta * C`). SPEC's coupled iteration
+  the GEMM's epilogue (`alpha * A B + beta * C`). the spec's coupled iteration
   keeps `Y = A Z` at every step (true after the first step, and
   `Y T = A Z T = A (T Z)` because all iterates are polynomials in `A` and
   commute), so `Z` determines the state: a checkpointed loop keeps one
@@ -49,7 +61,7 @@ def coupled_step(
     z: jax.Array,
     precision: PrecisionLike = None,
 ) -> tuple[jax.Array, jax.Array]:
-  """One step of SPEC's coupled form: `P = Z Y;  Y <- 1.5 Y - 0.5 Y P;
+  """One step of the spec's coupled form: `P = Z Y;  Y <- 1.5 Y - 0.5 Y P;
   Z <- 1.5 Z - 0.5 P Z` (that is `T = (3I - Z Y) / 2`, `Y T`, `T Z`).
 
   Three products, like `newton_schulz_step`, but both iterates are carried.
@@ -69,9 +81,7 @@ def _check_square(m: jax.Array, name: str = "m") -> None:
 
 def check_iterations(iterations: int) -> int:
   """Validates the Newton–Schulz iteration count (a static Python int >= 1)."""
-  if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
-    raise ValueError(
-        f"isqrt_iterations: expected an int >= 1, got {iterations!r}")
+  _checks.check_int("isqrt_iterations", iterations)
   return iterations
 
 
@@ -100,18 +110,13 @@ METHODS = ("newton_schulz", "eigh")
 
 def check_normalization(normalization: str) -> str:
   """Validates `isqrt_normalization` ("trace" or "frobenius")."""
-  if normalization not in NORMALIZATIONS:
-    raise ValueError(
-        f"isqrt_normalization: expected one of {', '.join(NORMALIZATIONS)}, "
-        f"got {normalization!r}")
+  _checks.check_choice("isqrt_normalization", normalization, NORMALIZATIONS)
   return normalization
 
 
 def check_method(method: str) -> str:
   """Validates `isqrt_method` ("newton_schulz" or "eigh")."""
-  if method not in METHODS:
-    raise ValueError(
-        f"isqrt_method: expected one of {', '.join(METHODS)}, got {method!r}")
+  _checks.check_choice("isqrt_method", method, METHODS)
   return method
 
 
@@ -174,17 +179,17 @@ def sqrtm_newton_schulz(
 ) -> jax.Array:
   """Approximate square root of SPD matrices by `iterations` coupled steps.
 
-  SPEC section 3: `A = M / c` with `c = tr(M)`, `K` coupled steps (the
+  docs/math.md section 3: `A = M / c` with `c = tr(M)`, `K` coupled steps (the
   first and the last specialised), `S = sqrt(c) * Y`; `3K - 3` products for
   `K >= 2`, a single one for `K = 1`. The middle `K - 2` steps run in a
   `lax.fori_loop` with a static trip count. For `K <= Z_ONLY_MAX_ITERATIONS`
   the loop carries `Z` alone (`newton_schulz_step`), otherwise `Y` and `Z`
-  (`coupled_step`, stable for any `K`); both compute SPEC's polynomial in `A`.
+  (`coupled_step`, stable for any `K`); both compute the spec's polynomial in `A`.
 
   Args:
     m: `[..., dim, dim]` symmetric positive definite.
     iterations: `K >= 1`, a static Python int.
-    normalization: `"trace"` (SPEC's, the original's numbers) or
+    normalization: `"trace"` (the spec's, the original's numbers) or
       `"frobenius"` (`c = ||M||_F`: the same products, several times closer
       to the exact root at K <= 5 when the spectrum is spread; see
       docs/numerics.md).

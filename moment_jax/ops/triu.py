@@ -7,6 +7,8 @@ import functools
 import jax
 import numpy as np
 
+__all__ = ["triu_flat_indices", "triu_size", "triu_vector"]
+
 
 @functools.lru_cache(maxsize=None)
 def triu_flat_indices(dim: int) -> np.ndarray:

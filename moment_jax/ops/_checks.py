@@ -9,11 +9,31 @@ as the runtime error of the jitted call.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+
+def check_int(name: str, value: Any, low: int = 1, allow_none: bool = False) -> None:
+  """Raises `ValueError` unless `value` is an int `>= low` (or None, if allowed).
+
+  A bool is refused although it is an int: `d_out=True` is a mistake, not 1.
+  """
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    none = "None or " if allow_none else ""
+    raise ValueError(f"{name}: expected {none}an int >= {low}, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+  """Raises `ValueError` unless `value` is one of `choices`, listing them."""
+  choices = tuple(choices)
+  if value not in choices:
+    raise ValueError(
+        f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def check_tokens(tokens: Any, name: str = "tokens") -> None:
