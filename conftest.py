@@ -12,5 +12,6 @@ def _doctest_names(doctest_namespace):
   import moment_jax
   from moment_jax import ops
 
-  doctest_namespace.update(jax=jax, jnp=jnp, np=np, nnx=nnx, moment_jax=moment_jax, ops=ops,
-                           grid_graph=ops.grid_graph)
+  doctest_namespace.update(
+    jax=jax, jnp=jnp, np=np, nnx=nnx, moment_jax=moment_jax, ops=ops, grid_graph=ops.grid_graph
+  )

@@ -43,8 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moment_jax.ops import center, centered_moment
-from moment_jax.ops import sqrtm_eigh, sqrtm_newton_schulz
+from moment_jax.ops import center, centered_moment, sqrtm_eigh, sqrtm_newton_schulz
 from moment_jax.ops.sqrtm import Z_ONLY_MAX_ITERATIONS
 from moment_jax.precision import get_policy
 
@@ -55,8 +54,7 @@ EPS = 1e-5
 
 
 def load_digits_example():
-  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples",
-                      "digits.py")
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples", "digits.py")
   spec = importlib.util.spec_from_file_location("digits_example", path)
   mod = importlib.util.module_from_spec(spec)
   sys.modules["digits_example"] = mod
@@ -67,25 +65,39 @@ def load_digits_example():
 def vit_tokens(batch: int, tokens: int, dim: int, steps: int, seed: int) -> np.ndarray:
   """`[batch, tokens, dim]` backbone tokens of held-out digits after training."""
   digits = load_digits_example()
-  side = int(round(tokens ** 0.5))
+  side = int(round(tokens**0.5))
   if side * side != tokens:
     raise ValueError(f"--tokens: the vit family needs a square count, got {tokens}")
-  cfg = dataclasses.replace(digits.Config(), width=dim, image_size=2 * side, patch=2,
-                            steps=steps, eval_every=steps, warmup=max(1, steps // 10),
-                            seed=seed)
+  cfg = dataclasses.replace(
+    digits.Config(),
+    width=dim,
+    image_size=2 * side,
+    patch=2,
+    steps=steps,
+    eval_every=steps,
+    warmup=max(1, steps // 10),
+    seed=seed,
+  )
   data = digits.load_digits()
   state, history = digits.train("moment", cfg, data, progress=False)
   model = digits.DigitsViT("moment", cfg)
-  _, inter = model.apply({"params": state["params"], "batch_stats": state["batch_stats"]},
-                         jnp.asarray(data[2][:batch]), train=False,
-                         capture_intermediates=lambda m, _: m.name == "norm")
-  print(f"vit: digits backbone width {dim}, {tokens} tokens, {steps} steps, held-out "
-        f"accuracy {history['test_accuracy'][-1]:.4f}", flush=True)
+  _, inter = model.apply(
+    {"params": state["params"], "batch_stats": state["batch_stats"]},
+    jnp.asarray(data[2][:batch]),
+    train=False,
+    capture_intermediates=lambda m, _: m.name == "norm",
+  )
+  print(
+    f"vit: digits backbone width {dim}, {tokens} tokens, {steps} steps, held-out "
+    f"accuracy {history['test_accuracy'][-1]:.4f}",
+    flush=True,
+  )
   return np.asarray(inter["intermediates"]["norm"]["__call__"][0], np.float32)
 
 
-def make_tokens(family: str, batch: int, tokens: int, dim: int, seed: int,
-                vit_steps: int) -> np.ndarray:
+def make_tokens(
+  family: str, batch: int, tokens: int, dim: int, seed: int, vit_steps: int
+) -> np.ndarray:
   rng = np.random.default_rng(seed)
   if family == "gaussian":
     return rng.standard_normal((batch, tokens, dim)).astype(np.float32)
@@ -137,9 +149,16 @@ def root_fn(k: int, norm: str, policy_name: str, coupled: bool | None):
   @jax.jit
   def fn(x):
     m = moment(x, policy)
-    return sqrtm_newton_schulz(m, k, normalization=norm, dtype=policy.moment_dtype,
-                               precision=policy.matmul, coupled=coupled,
-                               stability_check=False)  # the scan measures divergence
+    return sqrtm_newton_schulz(
+      m,
+      k,
+      normalization=norm,
+      dtype=policy.moment_dtype,
+      precision=policy.matmul,
+      coupled=coupled,
+      stability_check=False,
+    )  # the scan measures divergence
+
   return fn
 
 
@@ -147,8 +166,10 @@ def cost(dim: int, batch: int = 64, reps: int = 10) -> list[dict]:
   """Forward time of each root on `[batch, dim, dim]` moments, float32 highest."""
   x = jnp.asarray(make_tokens("gaussian", batch, 196, dim, 0, 0))
   m = jax.block_until_ready(moment(x, get_policy("float32")))
-  fns = {f"newton_schulz K={k}": jax.jit(lambda a, k=k: sqrtm_newton_schulz(
-      a, k, precision="highest")) for k in (3, 5, 10)}
+  fns = {
+    f"newton_schulz K={k}": jax.jit(lambda a, k=k: sqrtm_newton_schulz(a, k, precision="highest"))
+    for k in (3, 5, 10)
+  }
   fns["eigh"] = _eigh_root
   rows = []
   for name, fn in fns.items():
@@ -184,8 +205,13 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--tokens", type=int, default=196)
   p.add_argument("--dim", type=int, default=768)
   p.add_argument("--iterations", type=int, nargs="+", default=list(range(1, 11)))
-  p.add_argument("--scan", type=int, nargs="*", default=[12, 15, 20, 25, 30, 40],
-                 help="extra K for the divergence scan")
+  p.add_argument(
+    "--scan",
+    type=int,
+    nargs="*",
+    default=[12, 15, 20, 25, 30, 40],
+    help="extra K for the divergence scan",
+  )
   p.add_argument("--vit-steps", type=int, default=300)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--cost", action="store_true", help="also time each root (forward)")
@@ -197,8 +223,10 @@ def main(argv: list[str] | None = None) -> int:
   if len(policies) < len(a.policies):
     print("tf32: skipped (XLA:CPU computes DEFAULT-precision float32 products in float32)")
   dev = jax.devices()[0]
-  print(f"device: {getattr(dev, 'device_kind', dev.platform)}; jax {jax.__version__}; "
-        f"{time.strftime('%Y-%m-%d')}; N={a.tokens}, D={a.dim}, {a.batch} samples per family")
+  print(
+    f"device: {getattr(dev, 'device_kind', dev.platform)}; jax {jax.__version__}; "
+    f"{time.strftime('%Y-%m-%d')}; N={a.tokens}, D={a.dim}, {a.batch} samples per family"
+  )
   t0 = time.perf_counter()
 
   table, scan, eigh_rows = [], [], []
@@ -218,30 +246,48 @@ def main(argv: list[str] | None = None) -> int:
           errs = [summary(rel_errors(root_fn(k, norm, pol, coupled)(xj), ref)) for k in ks]
           curves[form] = (ks, errs)
         ks, errs = curves["auto"]
-        table.append({"family": fam, "policy": pol, "normalization": norm,
-                      "errors": dict(zip(ks, errs))})
+        table.append(
+          {"family": fam, "policy": pol, "normalization": norm, "errors": dict(zip(ks, errs))}
+        )
         for form in ("z-only", "coupled"):
           ks, errs = curves[form]
-          scan.append({"family": fam, "policy": pol, "normalization": norm, "form": form,
-                       "errors": dict(zip(ks, errs)), **divergence(ks, errs)})
+          scan.append(
+            {
+              "family": fam,
+              "policy": pol,
+              "normalization": norm,
+              "form": form,
+              "errors": dict(zip(ks, errs)),
+              **divergence(ks, errs),
+            }
+          )
     print(f"{fam}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
   ks = sorted(a.iterations)
-  print(f"\nrelative error ||S - S64||_F / ||S64||_F, mean of {a.batch} samples "
-        f"(loop carries Z alone up to K={Z_ONLY_MAX_ITERATIONS}, Y and Z beyond)")
+  print(
+    f"\nrelative error ||S - S64||_F / ||S64||_F, mean of {a.batch} samples "
+    f"(loop carries Z alone up to K={Z_ONLY_MAX_ITERATIONS}, Y and Z beyond)"
+  )
   print(f"{'family':9} {'policy':9} {'norm':9} " + " ".join(f"{'K=' + str(k):>6}" for k in ks))
   for r in table:
-    print(f"{r['family']:9} {r['policy']:9} {r['normalization']:9} "
-          + " ".join(fmt(r["errors"][k]) for k in ks))
+    print(
+      f"{r['family']:9} {r['policy']:9} {r['normalization']:9} "
+      + " ".join(fmt(r["errors"][k]) for k in ks)
+    )
   print("\nfloat32 eigh root: " + ", ".join(f"{r['family']} {r['error']:.1e}" for r in eigh_rows))
-  print(f"\ndivergence scan, K in {all_ks}: best K (error) and the first K with error > 2x "
-        "best or not finite")
-  print(f"{'family':9} {'policy':9} {'norm':9} {'form':8} {'best K':>6} {'error':>8} "
-        f"{'diverges':>8}")
+  print(
+    f"\ndivergence scan, K in {all_ks}: best K (error) and the first K with error > 2x "
+    "best or not finite"
+  )
+  print(
+    f"{'family':9} {'policy':9} {'norm':9} {'form':8} {'best K':>6} {'error':>8} {'diverges':>8}"
+  )
   for r in scan:
     be = "-" if r["best_error"] is None else f"{r['best_error']:.1e}"
-    print(f"{r['family']:9} {r['policy']:9} {r['normalization']:9} {r['form']:8} "
-          f"{str(r['best_k']):>6} {be:>8} {str(r['diverges_at'] or '-'):>8}")
+    print(
+      f"{r['family']:9} {r['policy']:9} {r['normalization']:9} {r['form']:8} "
+      f"{str(r['best_k']):>6} {be:>8} {str(r['diverges_at'] or '-'):>8}"
+    )
   costs = cost(a.dim) if a.cost else []
   if costs:
     print(f"\nforward cost, [64, {a.dim}, {a.dim}] float32 moments, highest precision")
@@ -253,11 +299,21 @@ def main(argv: list[str] | None = None) -> int:
     os.makedirs(a.out, exist_ok=True)
     path = os.path.join(a.out, "accuracy.json")
     with open(path, "w") as f:
-      json.dump({"device": str(getattr(dev, "device_kind", dev.platform)),
-                 "backend": backend, "jax": jax.__version__,
-                 "date": time.strftime("%Y-%m-%d"), "args": vars(a),
-                 "table": table, "scan": scan, "eigh_float32": eigh_rows,
-                 "cost": costs}, f, indent=1)
+      json.dump(
+        {
+          "device": str(getattr(dev, "device_kind", dev.platform)),
+          "backend": backend,
+          "jax": jax.__version__,
+          "date": time.strftime("%Y-%m-%d"),
+          "args": vars(a),
+          "table": table,
+          "scan": scan,
+          "eigh_float32": eigh_rows,
+          "cost": costs,
+        },
+        f,
+        indent=1,
+      )
     print(f"wrote {path}")
   return 0
 

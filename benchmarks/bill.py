@@ -12,8 +12,13 @@ import optax
 from moment_jax import MomentHead, grid_graph, memory
 
 BF16 = "params=bfloat16,compute=bfloat16,moment=bfloat16"
-VARIANTS = [dict(), dict(policy=BF16), dict(d_reduce=384), dict(d_reduce=256),
-            dict(d_reduce=256, policy=BF16)]
+VARIANTS = [
+  dict(),
+  dict(policy=BF16),
+  dict(d_reduce=384),
+  dict(d_reduce=256),
+  dict(d_reduce=256, policy=BF16),
+]
 
 print("| head | params MB | grads MB | AdamW state MB | step temp MB | bill MB |")
 print("|---|---:|---:|---:|---:|---:|")
@@ -21,5 +26,7 @@ for kw in VARIANTS:
   head = MomentHead.from_preset("optimized", **kw)
   b = memory.step_bill(head, (4, 196, 768), optax.adamw(1e-3), grid_graph(14, 14)).as_mb()
   name = ", ".join(f"{k}={v}" for k, v in kw.items()) or "optimized (default)"
-  print(f"| {name} | {b['params']:.1f} | {b['grads']:.1f} | {b['opt_state']:.1f} | "
-        f"{b['activations']:.1f} | {b['total']:.1f} |")
+  print(
+    f"| {name} | {b['params']:.1f} | {b['grads']:.1f} | {b['opt_state']:.1f} | "
+    f"{b['activations']:.1f} | {b['total']:.1f} |"
+  )

@@ -29,7 +29,7 @@ from moment_jax import MomentHead, grid_graph, steps
 from moment_jax.ops import split_matmul
 
 sys.path.insert(0, os.path.dirname(__file__))
-from gpu import D, N, SIDE, jax_sync, timeit  # noqa: E402
+from gpu import SIDE, D, N, jax_sync, timeit  # noqa: E402
 
 
 def parts(b, policy, space):
@@ -55,7 +55,9 @@ def parts(b, policy, space):
   box = [None]
   out = {}
   # Single ops at this batch, in the policy's compute dtype.
-  from moment_jax.ops import features as fe, triu
+  from moment_jax.ops import features as fe
+  from moment_jax.ops import triu
+
   hc = tokens - tokens.mean(1, keepdims=True)
   n = jnp.full((b,), N)
   prec = pol.matmul
@@ -65,19 +67,27 @@ def parts(b, policy, space):
   root_step = jax.jit(lambda h: jax.vjp(root, h)[1](sct))
   idx = triu.triu_flat_indices(D)
   plain = lambda s: s.reshape(b, D * D)[:, idx]
-  flagged = lambda s: s.reshape(b, D * D).at[:, idx].get(unique_indices=True,
-                                                         indices_are_sorted=True)
+  flagged = lambda s: (
+    s.reshape(b, D * D).at[:, idx].get(unique_indices=True, indices_are_sorted=True)
+  )
   vct = ct.astype(s0.dtype)
   tri = jax.jit(lambda s: jax.vjp(plain, s)[1](vct))
   tri_u = jax.jit(lambda s: jax.vjp(flagged, s)[1](vct))
-  extra = (("token root f+b", lambda: root_step(hc)), ("triu f+b", lambda: tri(s0)),
-           ("triu f+b unique", lambda: tri_u(s0)))
-  for name, fn in extra + (("step", lambda: step(v["params"], v["batch_stats"], tokens, key)),
-                   ("features f+b", lambda: feat_step(tokens)),
-                   ("features fwd", lambda: feats(tokens, graph, None)),
-                   ("proj+bn+gelu f+b", lambda: tail_step(v["params"], f0))):
+  extra = (
+    ("token root f+b", lambda: root_step(hc)),
+    ("triu f+b", lambda: tri(s0)),
+    ("triu f+b unique", lambda: tri_u(s0)),
+  )
+  for name, fn in extra + (
+    ("step", lambda: step(v["params"], v["batch_stats"], tokens, key)),
+    ("features f+b", lambda: feat_step(tokens)),
+    ("features fwd", lambda: feats(tokens, graph, None)),
+    ("proj+bn+gelu f+b", lambda: tail_step(v["params"], f0)),
+  ):
+
     def run(fn=fn):
       box[0] = fn()
+
     out[name] = 1e3 * timeit(run, jax_sync(box), iters=20)
   return out
 
@@ -97,12 +107,23 @@ def main():
       for space in args.space:
         r = dict(batch=b, precision=prec, space=space, **parts(b, prec, space))
         rows.append(r)
-        print(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}"
-                       for k, v in r.items()), flush=True)
+        print(
+          " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()),
+          flush=True,
+        )
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "breakdown.json"), "w") as f:
-    json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=rows,
-                   command=" ".join(sys.argv), seconds=time.time() - t0), f, indent=1)
+    json.dump(
+      dict(
+        device=dev.device_kind,
+        jax=jax.__version__,
+        rows=rows,
+        command=" ".join(sys.argv),
+        seconds=time.time() - t0,
+      ),
+      f,
+      indent=1,
+    )
 
 
 if __name__ == "__main__":

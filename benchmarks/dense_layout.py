@@ -24,9 +24,14 @@ MB = 1e6
 def report(tag, fn, *args):
   c = jax.jit(fn).lower(*args).compile()
   m = c.memory_analysis()
-  big = [l.strip()[:160] for l in c.as_text().splitlines()
-         if re.search(rf"\[({F},{O}|{O},{F})\]", l) and "=" in l]
-  print(f"{tag:<44} temp {m.temp_size_in_bytes / MB:9.1f} MB  out {m.output_size_in_bytes / MB:8.1f} MB")
+  big = [
+    l.strip()[:160]
+    for l in c.as_text().splitlines()
+    if re.search(rf"\[({F},{O}|{O},{F})\]", l) and "=" in l
+  ]
+  print(
+    f"{tag:<44} temp {m.temp_size_in_bytes / MB:9.1f} MB  out {m.output_size_in_bytes / MB:8.1f} MB"
+  )
   for l in big[:6]:
     print("    ", l)
 

@@ -68,22 +68,31 @@ def jax_sync(x):
 
 # -- ceilings -----------------------------------------------------------------
 
+
 def ceilings():
   out = {}
   a = jnp.ones((1 << 28,), jnp.float32)  # 1 GiB
   copy = jax.jit(lambda x: x + 1.0)
   box = [None]
+
   def run():
     box[0] = copy(a)
+
   out["copy_GBps"] = 2 * a.nbytes / timeit(run, jax_sync(box)) / 1e9
-  for prec, dtype, p in (("float32", jnp.float32, "highest"), ("tf32", jnp.float32, "default"),
-                         ("bfloat16", jnp.bfloat16, "default")):
+  for prec, dtype, p in (
+    ("float32", jnp.float32, "highest"),
+    ("tf32", jnp.float32, "default"),
+    ("bfloat16", jnp.bfloat16, "default"),
+  ):
     x = jax.random.normal(jax.random.key(0), (256, D, D)).astype(dtype)
     mm = jax.jit(lambda x: jnp.matmul(x, x, precision=p))
+
     def run():
       box[0] = mm(x)
-    out[f"{prec}_TFLOPs"] = 2 * 256 * D ** 3 / timeit(run, jax_sync(box), iters=30,
-                                                       budget_s=2.0) / 1e12
+
+    out[f"{prec}_TFLOPs"] = (
+      2 * 256 * D**3 / timeit(run, jax_sync(box), iters=30, budget_s=2.0) / 1e12
+    )
   return out
 
 
@@ -92,10 +101,10 @@ def floor(preset, b, fwd_bwd, ceil, precision, token=False):
   f = feature_size(D, h.use_third_order, h.sketch_dim)
   products = 3 * h.isqrt_iterations - 3
   if token:
-    flops = 6 * b * N * N * D + 2 * b * N * D * D + products * 4 * b * N ** 3
+    flops = 6 * b * N * N * D + 2 * b * N * D * D + products * 4 * b * N**3
   else:
-    flops = 2 * b * N * N * D + 2 * b * N * D * D + products * 2 * b * D ** 3
-  flops += 2 * b * f * h.d_out + (2 * b * h.d_out ** 2 if h.mlp == "double" else 0)
+    flops = 2 * b * N * N * D + 2 * b * N * D * D + products * 2 * b * D**3
+  flops += 2 * b * f * h.d_out + (2 * b * h.d_out**2 if h.mlp == "double" else 0)
   wbytes = f * h.d_out * 4
   if fwd_bwd:
     flops, wbytes = 3 * flops, 2 * wbytes
@@ -104,6 +113,7 @@ def floor(preset, b, fwd_bwd, ceil, precision, token=False):
 
 # -- JAX ----------------------------------------------------------------------
 
+
 def jax_times(preset, b, precision, space):
   head = MomentHead.from_preset(preset, policy=precision, dropout_rate=0.0, isqrt_space=space)
   graph = grid_graph(SIDE, SIDE)
@@ -111,23 +121,36 @@ def jax_times(preset, b, precision, space):
   v = jax.jit(lambda k: head.init(k, jnp.zeros(shape), graph, train=False))(jax.random.key(0))
   tokens = jax.random.normal(jax.random.key(1), shape)
   key = jax.random.key(2)
-  fwd = jax.jit(lambda p, s, t: head.apply({"params": p, "batch_stats": s}, t, graph,
-                                           train=True, rngs={"dropout": key},
-                                           mutable=["batch_stats"]))
+  fwd = jax.jit(
+    lambda p, s, t: head.apply(
+      {"params": p, "batch_stats": s},
+      t,
+      graph,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
+  )
   step = steps.make_grad_step(head, graph, token_grad=True)
   box = [None]
+
   def run_fwd():
     box[0] = fwd(v["params"], v["batch_stats"], tokens)
+
   def run_step():
     box[0] = step(v["params"], v["batch_stats"], tokens, key)
+
   return timeit(run_fwd, jax_sync(box)), timeit(run_step, jax_sync(box))
 
 
 # -- PyTorch --------------------------------------------------------------------
 
+
 def torch_times(preset, b, precision, compiled):
   import torch
+
   from moment_jax import torch_reference as tr
+
   dev = torch.device("cuda")
   # Each row is its own graph: without a reset dynamo hits its recompile
   # limit after a few rows and silently falls back to eager.
@@ -167,8 +190,13 @@ def main():
   ap.add_argument("--preset", nargs="+", default=["optimized", "original"])
   ap.add_argument("--batch", nargs="+", type=int, default=[4, 64, 256])
   ap.add_argument("--precision", nargs="+", default=list(PRECISIONS))
-  ap.add_argument("--space", nargs="+", default=["auto"], choices=list(gram.SPACES),
-                  help="isqrt_space of the JAX rows; torch rows go with the first")
+  ap.add_argument(
+    "--space",
+    nargs="+",
+    default=["auto"],
+    choices=list(gram.SPACES),
+    help="isqrt_space of the JAX rows; torch rows go with the first",
+  )
   args = ap.parse_args()
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -178,6 +206,7 @@ def main():
   versions = {"jax": jax.__version__}
   if not args.no_torch:
     import torch
+
     versions["torch"] = torch.__version__
   print(f"device: {dev.device_kind}; {versions}")
   print("ceilings: " + ", ".join(f"{k} {v:.0f}" for k, v in ceil.items()))
@@ -187,22 +216,26 @@ def main():
       for prec in args.precision:
         h = MomentHead.from_preset(preset)
         token = [ops.use_token_space(N, D, h.isqrt_iterations, sp) for sp in args.space]
-        r = dict(preset=preset, batch=b, precision=prec,
-                 space="token" if token[0] else "channel")
-        r["jax_fwd_ms"], r["jax_step_ms"] = (1e3 * t for t in
-                                            jax_times(preset, b, prec, args.space[0]))
+        r = dict(preset=preset, batch=b, precision=prec, space="token" if token[0] else "channel")
+        r["jax_fwd_ms"], r["jax_step_ms"] = (
+          1e3 * t for t in jax_times(preset, b, prec, args.space[0])
+        )
         extra = []
         for sp, tk in zip(args.space[1:], token[1:]):
-          extra.append(dict(preset=preset, batch=b, precision=prec,
-                            space="token" if tk else "channel"))
+          extra.append(
+            dict(preset=preset, batch=b, precision=prec, space="token" if tk else "channel")
+          )
           extra[-1]["jax_fwd_ms"], extra[-1]["jax_step_ms"] = (
-              1e3 * t for t in jax_times(preset, b, prec, sp))
+            1e3 * t for t in jax_times(preset, b, prec, sp)
+          )
         if not args.no_torch:
-          r["eager_fwd_ms"], r["eager_step_ms"] = (1e3 * t for t in
-                                                  torch_times(preset, b, prec, False))
+          r["eager_fwd_ms"], r["eager_step_ms"] = (
+            1e3 * t for t in torch_times(preset, b, prec, False)
+          )
           if args.compile:
-            r["compile_fwd_ms"], r["compile_step_ms"] = (1e3 * t for t in
-                                                        torch_times(preset, b, prec, True))
+            r["compile_fwd_ms"], r["compile_step_ms"] = (
+              1e3 * t for t in torch_times(preset, b, prec, True)
+            )
         for row in [r] + extra:
           row["floor_fwd_ms"] = 1e3 * floor(preset, b, False, ceil, prec)
           row["floor_step_ms"] = 1e3 * floor(preset, b, True, ceil, prec)
@@ -211,26 +244,34 @@ def main():
             if k in r:
               row[k] = r[k]
           rows.append(row)
-          print(json.dumps({k: round(v, 3) if isinstance(v, float) else v
-                            for k, v in row.items()}), flush=True)
+          print(
+            json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}),
+            flush=True,
+          )
         save(args.out, dev, versions, ceil, rows, t0)  # a cut-off run keeps its rows
-  hdr = (f"{'preset':<10} {'B':>4} {'prec':<9} {'space':<7} | {'jax fwd':>8} {'eager':>8} "
-         f"{'compile':>8} {'floor':>7} | {'jax f+b':>8} {'eager':>8} {'compile':>8} "
-         f"{'floor':>7} {'tfloor':>7} | {'jax/eager':>9} {'jax/comp':>8} {'/floor':>7} "
-         f"{'/tfloor':>7}")
-  print("\nms, medians; forward = training-mode forward; f+b = forward+backward with "
-        "parameter and token gradients")
+  hdr = (
+    f"{'preset':<10} {'B':>4} {'prec':<9} {'space':<7} | {'jax fwd':>8} {'eager':>8} "
+    f"{'compile':>8} {'floor':>7} | {'jax f+b':>8} {'eager':>8} {'compile':>8} "
+    f"{'floor':>7} {'tfloor':>7} | {'jax/eager':>9} {'jax/comp':>8} {'/floor':>7} "
+    f"{'/tfloor':>7}"
+  )
+  print(
+    "\nms, medians; forward = training-mode forward; f+b = forward+backward with "
+    "parameter and token gradients"
+  )
   print(hdr)
   g = lambda r, k: f"{r[k]:8.3f}" if k in r else f"{'-':>8}"
   for r in rows:
     ratio_e = r["jax_step_ms"] / r["eager_step_ms"] if "eager_step_ms" in r else float("nan")
     ratio_c = r["jax_step_ms"] / r["compile_step_ms"] if "compile_step_ms" in r else float("nan")
-    print(f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} {r['space']:<7} | "
-          f"{g(r, 'jax_fwd_ms')} {g(r, 'eager_fwd_ms')} {g(r, 'compile_fwd_ms')} "
-          f"{r['floor_fwd_ms']:7.3f} | {g(r, 'jax_step_ms')} {g(r, 'eager_step_ms')} "
-          f"{g(r, 'compile_step_ms')} {r['floor_step_ms']:7.3f} {r['tfloor_step_ms']:7.3f} | "
-          f"{ratio_e:9.2f} {ratio_c:8.2f} {r['jax_step_ms'] / r['floor_step_ms']:7.2f} "
-          f"{r['jax_step_ms'] / r['tfloor_step_ms']:7.2f}")
+    print(
+      f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} {r['space']:<7} | "
+      f"{g(r, 'jax_fwd_ms')} {g(r, 'eager_fwd_ms')} {g(r, 'compile_fwd_ms')} "
+      f"{r['floor_fwd_ms']:7.3f} | {g(r, 'jax_step_ms')} {g(r, 'eager_step_ms')} "
+      f"{g(r, 'compile_step_ms')} {r['floor_step_ms']:7.3f} {r['tfloor_step_ms']:7.3f} | "
+      f"{ratio_e:9.2f} {ratio_c:8.2f} {r['jax_step_ms'] / r['floor_step_ms']:7.2f} "
+      f"{r['jax_step_ms'] / r['tfloor_step_ms']:7.2f}"
+    )
   print(f"wrote {save(args.out, dev, versions, ceil, rows, t0)} in {time.time() - t0:.0f} s")
 
 
@@ -238,8 +279,18 @@ def save(out, dev, versions, ceil, rows, t0):
   os.makedirs(out, exist_ok=True)
   path = os.path.join(out, "gpu.json")
   with open(path, "w") as f:
-    json.dump(dict(device=dev.device_kind, versions=versions, ceilings=ceil, rows=rows,
-                   command=" ".join(sys.argv), seconds=time.time() - t0), f, indent=1)
+    json.dump(
+      dict(
+        device=dev.device_kind,
+        versions=versions,
+        ceilings=ceil,
+        rows=rows,
+        command=" ".join(sys.argv),
+        seconds=time.time() - t0,
+      ),
+      f,
+      indent=1,
+    )
   return path
 
 

@@ -32,7 +32,7 @@ import optax
 
 from moment_jax import MomentHead, grid_graph, memory, moment_features
 
-MB, MIB = 1e6, 2 ** 20
+MB, MIB = 1e6, 2**20
 N, D = 196, 768
 GRAPH = grid_graph(14, 14)
 
@@ -44,9 +44,16 @@ def head(**kw):
 def peaks(cfg):
   b, token_grad, kw = cfg
   p = memory.head_device_peaks(head(**kw), (b, N, D), GRAPH, token_grad)
-  return dict(batch=b, token_grad=token_grad, config=kw, forward_mb=p["forward"] / MB,
-              step_mb=p["step"] / MB, step_raw_mb=p["step_raw"] / MB,
-              earlier_peak_mb=p["earlier_peak"] / MB, device=p["device"])
+  return dict(
+    batch=b,
+    token_grad=token_grad,
+    config=kw,
+    forward_mb=p["forward"] / MB,
+    step_mb=p["step"] / MB,
+    step_raw_mb=p["step_raw"] / MB,
+    earlier_peak_mb=p["earlier_peak"] / MB,
+    device=p["device"],
+  )
 
 
 def name(kw):
@@ -62,28 +69,41 @@ def main():
   if dev.platform != "gpu":
     sys.exit("memory_gpu.py measures device peaks: run it on a GPU")
   t0 = time.time()
-  configs = [dict(), dict(remat_policy="isqrt"), dict(remat_policy="features"),
-             dict(remat_policy="features", isqrt_chunk=1),
-             dict(remat_policy="features", isqrt_chunk=4),
-             dict(remat_policy="isqrt", isqrt_chunk=1),
-             dict(remat_policy="isqrt", isqrt_chunk=4)]
+  configs = [
+    dict(),
+    dict(remat_policy="isqrt"),
+    dict(remat_policy="features"),
+    dict(remat_policy="features", isqrt_chunk=1),
+    dict(remat_policy="features", isqrt_chunk=4),
+    dict(remat_policy="isqrt", isqrt_chunk=1),
+    dict(remat_policy="isqrt", isqrt_chunk=4),
+  ]
   grid = [(b, tg, kw) for kw in configs for b in (4, 64) for tg in (False, True)]
   ks = [(4, True, dict(remat_policy="isqrt", isqrt_iterations=k)) for k in range(2, 9)]
   # consecutive (float32, bfloat16) pairs of the same batch and configuration
-  bf = [(b, True, dict(kw, policy=p)) for b in (4, 64)
-        for kw in (dict(), dict(remat_policy="features", isqrt_chunk=4))
-        for p in ("float32", "bfloat16")]
+  bf = [
+    (b, True, dict(kw, policy=p))
+    for b in (4, 64)
+    for kw in (dict(), dict(remat_policy="features", isqrt_chunk=4))
+    for p in ("float32", "bfloat16")
+  ]
   bf += [(4, False, dict(policy=p)) for p in ("float32", "bfloat16")]
   with ThreadPoolExecutor(args.jobs) as pool:
     res = list(pool.map(peaks, grid + ks + bf))
-  res_grid, res_k, res_bf = res[:len(grid)], res[len(grid):len(grid) + len(ks)], res[len(grid) + len(ks):]
+  res_grid, res_k, res_bf = (
+    res[: len(grid)],
+    res[len(grid) : len(grid) + len(ks)],
+    res[len(grid) + len(ks) :],
+  )
 
   print(f"device: {dev.device_kind}; jax {jax.__version__}; MB = 1e6 bytes")
   print("\n== activations by remat policy and chunk (optimized, float32) ==")
   print(f"{'config':<40} {'B':>3} {'tok grad':>8} {'fwd act MB':>11} {'step act MB':>12}")
   for r in res_grid:
-    print(f"{name(r['config']):<40} {r['batch']:>3} {str(r['token_grad']):>8} "
-          f"{r['forward_mb']:>11.2f} {r['step_mb']:>12.2f}")
+    print(
+      f"{name(r['config']):<40} {r['batch']:>3} {str(r['token_grad']):>8} "
+      f"{r['forward_mb']:>11.2f} {r['step_mb']:>12.2f}"
+    )
 
   def best(b, tg, key):
     rows = [r for r in res_grid if r["batch"] == b and r["token_grad"] == tg]
@@ -91,7 +111,9 @@ def main():
 
   targets = []
   r = best(4, False, "forward_mb")
-  targets.append(("seed scenario: forward activations, B=4", r["forward_mb"], 19.0, name(r["config"])))
+  targets.append(
+    ("seed scenario: forward activations, B=4", r["forward_mb"], 19.0, name(r["config"]))
+  )
   r = best(4, True, "step_mb")
   targets.append(("token grads: step activations, B=4", r["step_mb"], 24.0, name(r["config"])))
   r = best(64, True, "step_mb")
@@ -106,15 +128,31 @@ def main():
     if extra != "":
       per_iter.append(extra)
     print(f"{k:>3} {r['step_mb']:>12.2f} {extra if extra == '' else f'{extra:.3f}':>28}")
-  slope = float(np.polyfit([r["config"]["isqrt_iterations"] for r in res_k],
-                           [r["step_mb"] for r in res_k], 1)[0]) * MB / MIB / 4
-  targets.append(("isqrt remat: MiB per extra iteration per sample (fit K=2..8)", slope,
-                  D * D * 4 / MIB, "remat_policy=isqrt"))
+  slope = (
+    float(
+      np.polyfit(
+        [r["config"]["isqrt_iterations"] for r in res_k], [r["step_mb"] for r in res_k], 1
+      )[0]
+    )
+    * MB
+    / MIB
+    / 4
+  )
+  targets.append(
+    (
+      "isqrt remat: MiB per extra iteration per sample (fit K=2..8)",
+      slope,
+      D * D * 4 / MIB,
+      "remat_policy=isqrt",
+    )
+  )
 
   print("\n== bfloat16 vs float32 ==")
   for r in res_bf:
-    print(f"{name(r['config']):<50} B={r['batch']:>3} tok grad={str(r['token_grad']):<5} "
-          f"fwd {r['forward_mb']:>9.2f} MB  step {r['step_mb']:>9.2f} MB")
+    print(
+      f"{name(r['config']):<50} B={r['batch']:>3} tok grad={str(r['token_grad']):<5} "
+      f"fwd {r['forward_mb']:>9.2f} MB  step {r['step_mb']:>9.2f} MB"
+    )
   ratios = []
   for i in range(0, len(res_bf), 2):
     f32, b16 = res_bf[i], res_bf[i + 1]
@@ -122,30 +160,47 @@ def main():
     ratios.append(b16[key] / f32[key])
   x = jax.random.normal(jax.random.key(0), (4, N, D))
   f32 = moment_features(x, GRAPH, precision=jax.lax.Precision.HIGHEST)
-  b16 = moment_features(x.astype(jnp.bfloat16), GRAPH, moment_dtype=jnp.bfloat16,
-                        sqrt_dtype=jnp.bfloat16)
+  b16 = moment_features(
+    x.astype(jnp.bfloat16), GRAPH, moment_dtype=jnp.bfloat16, sqrt_dtype=jnp.bfloat16
+  )
   ferr = float(jnp.linalg.norm(b16.astype(jnp.float32) - f32) / jnp.linalg.norm(f32))
-  targets.append(("bfloat16: activations / float32 (worst row)", max(ratios), 0.55, "policy=bfloat16"))
+  targets.append(
+    ("bfloat16: activations / float32 (worst row)", max(ratios), 0.55, "policy=bfloat16")
+  )
   targets.append(("bfloat16: features relative error vs float32", ferr, 2e-2, "policy=bfloat16"))
 
   print("\n== the Dense weight in a full AdamW step (optimized, B=4, token grads) ==")
   h = head()
   bill = memory.step_bill(h, (4, N, D), optax.adamw(1e-3), GRAPH, True)
   w = 295296 * 512 * 4
-  print(f"weight {w / MB:.1f} MB; compiled step temp {bill.activations / MB:.1f} MB; "
-        f"bill {bill.as_mb()}")
-  targets.append(("AdamW step temp / Dense weight bytes (<2: no second dW buffer)",
-                  bill.activations / w, 2.0, "default"))
+  print(
+    f"weight {w / MB:.1f} MB; compiled step temp {bill.activations / MB:.1f} MB; "
+    f"bill {bill.as_mb()}"
+  )
+  targets.append(
+    (
+      "AdamW step temp / Dense weight bytes (<2: no second dW buffer)",
+      bill.activations / w,
+      2.0,
+      "default",
+    )
+  )
 
   print("\n== targets ==")
   print(f"{'target':<66} {'measured':>10} {'target':>9}  met   config")
   for label, v, t, cfg in targets:
     print(f"{label:<66} {v:>10.3f} {t:>9.3f}  {'yes' if v <= t else 'NO ':<4}  {cfg}")
-  out = dict(device=dev.device_kind, jax=jax.__version__, grid=res_grid, iterations=res_k,
-             bfloat16=res_bf, feature_rel_err_bf16=ferr,
-             bill_mb=bill.as_mb(), targets=[dict(label=l, measured=v, target=t, config=c)
-                                            for l, v, t, c in targets],
-             seconds=time.time() - t0)
+  out = dict(
+    device=dev.device_kind,
+    jax=jax.__version__,
+    grid=res_grid,
+    iterations=res_k,
+    bfloat16=res_bf,
+    feature_rel_err_bf16=ferr,
+    bill_mb=bill.as_mb(),
+    targets=[dict(label=l, measured=v, target=t, config=c) for l, v, t, c in targets],
+    seconds=time.time() - t0,
+  )
   os.makedirs(args.out, exist_ok=True)
   with open(os.path.join(args.out, "memory_gpu.json"), "w") as f:
     json.dump(out, f, indent=1, default=str)

@@ -6,6 +6,7 @@ readout of mean-pooled tokens cannot separate and a covariance head can.
 Run `python examples/nnx_compose.py` (CPU, a few seconds); it prints the
 loss every 50 steps and `eval accuracy: 1.000` (or close to it).
 """
+
 import jax
 import jax.numpy as jnp
 import optax

@@ -22,14 +22,14 @@ def flat(tree: Any) -> dict[str, Any]:
 
 
 def check_entries(
-    header: str,
-    found: Mapping[str, Any],
-    expected: Mapping[str, Any],
-    *,
-    matches: Callable[[Any, Any], bool] = lambda want, got: want == got,
-    show: Callable[[Any], str] = str,
-    show_found: Callable[[Any], str] | None = None,
-    optional: tuple[str, ...] = (),
+  header: str,
+  found: Mapping[str, Any],
+  expected: Mapping[str, Any],
+  *,
+  matches: Callable[[Any, Any], bool] = lambda want, got: want == got,
+  show: Callable[[Any], str] = str,
+  show_found: Callable[[Any], str] | None = None,
+  optional: tuple[str, ...] = (),
 ) -> None:
   """Raises one `ValueError` naming every missing, unexpected or mismatched entry.
 
@@ -50,7 +50,10 @@ def check_entries(
         errors.append(f"  missing {key}: expected {show(want)}")
     elif not matches(want, found[key]):
       errors.append(f"  {key}: expected {show(want)}, found {show_found(found[key])}")
-  errors += [f"  unexpected {key}: found {show_found(got)}" for key, got in found.items()
-             if key not in expected]
+  errors += [
+    f"  unexpected {key}: found {show_found(got)}"
+    for key, got in found.items()
+    if key not in expected
+  ]
   if errors:
     raise ValueError(header + "\n" + "\n".join(errors))

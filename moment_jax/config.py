@@ -125,8 +125,14 @@ class HeadConfig:
 
   def validate(self) -> None:
     """Raises `ValueError` naming the first bad field and the value seen."""
-    check_config(self.isqrt_iterations, self.use_third_order, self.sketch_dim,
-                 self.isqrt_normalization, self.isqrt_method, self.isqrt_space)
+    check_config(
+      self.isqrt_iterations,
+      self.use_third_order,
+      self.sketch_dim,
+      self.isqrt_normalization,
+      self.isqrt_method,
+      self.isqrt_space,
+    )
     _checks.check_int("d_out", self.d_out)
     _checks.check_choice("mlp", self.mlp, _MLPS)
     if isinstance(self.dropout_rate, bool) or not 0.0 <= self.dropout_rate < 1.0:
@@ -134,20 +140,26 @@ class HeadConfig:
     _checks.check_int("d_reduce", self.d_reduce, allow_none=True)
     _checks.check_int("isqrt_chunk", self.isqrt_chunk, allow_none=True)
     _checks.check_int("sketch_seed", self.sketch_seed, low=0)
-    if (isinstance(self.eps, bool) or not isinstance(self.eps, (int, float))
-        or not math.isfinite(self.eps) or self.eps <= 0):
+    if (
+      isinstance(self.eps, bool)
+      or not isinstance(self.eps, (int, float))
+      or not math.isfinite(self.eps)
+      or self.eps <= 0
+    ):
       raise ValueError(
-          f"eps: expected a float > 0, got {self.eps!r} (a positive finite ridge: with "
-          f"eps=0 constant tokens give a zero trace)")
+        f"eps: expected a float > 0, got {self.eps!r} (a positive finite ridge: with "
+        f"eps=0 constant tokens give a zero trace)"
+      )
     _checks.check_mode(self.check_values)
     if self.policy is not None:
       get_policy(self.policy)
       given = [f for f in _DTYPE_FIELDS if getattr(self, f) != _DEFAULTS[f]]
       if given:
         raise ValueError(
-            f"policy: {self.policy!r} sets the dtypes and the matmul precision, so it "
-            f"cannot be combined with {', '.join(f'{f}={getattr(self, f)!r}' for f in given)}; "
-            f"give one or the other")
+          f"policy: {self.policy!r} sets the dtypes and the matmul precision, so it "
+          f"cannot be combined with {', '.join(f'{f}={getattr(self, f)!r}' for f in given)}; "
+          f"give one or the other"
+        )
     resolve_remat(self.remat_policy)
 
   def resolved_policy(self, tokens_dtype: Any = jnp.float32) -> Policy:
@@ -155,13 +167,15 @@ class HeadConfig:
     (compute dtype `dtype`, or the promotion of the tokens' and parameters')."""
     if self.policy is not None:
       return get_policy(self.policy)
-    compute = self.dtype or jnp.promote_types(tokens_dtype, self.param_dtype)
+    compute = jnp.dtype(self.dtype or jnp.promote_types(tokens_dtype, self.param_dtype))
     return Policy(
-        param_dtype=self.param_dtype,
-        compute_dtype=compute,
-        output_dtype=compute,
-        moment_dtype=jnp.promote_types(compute, jnp.float32),
-        matmul=self.precision)
+      param_dtype=jnp.dtype(self.param_dtype),
+      compute_dtype=compute,
+      output_dtype=compute,
+      moment_dtype=jnp.promote_types(compute, jnp.float32),
+      # None means JAX's default precision; Policy's annotation is the resolved kind.
+      matmul=self.precision,  # type: ignore[arg-type]
+    )
 
   def width(self, d_in: int) -> int:
     """Token width the moment sees: `d_reduce`, or `d_in`."""
@@ -185,21 +199,22 @@ class HeadConfig:
     `outer_remat=False` the checkpoint around the whole pipeline is left to
     the caller (the chunked projection puts it around pipeline and product)."""
     remat_isqrt, ckpt = resolve_remat(self.remat_policy)
-    fn = functools.partial(
-        pipeline,
-        isqrt_iterations=self.isqrt_iterations,
-        isqrt_normalization=self.isqrt_normalization,
-        isqrt_method=self.isqrt_method,
-        isqrt_space=self.isqrt_space,
-        use_third_order=self.use_third_order,
-        sketch_dim=self.sketch_dim,
-        sketch_seed=self.sketch_seed,
-        eps=self.eps,
-        moment_dtype=policy.moment_dtype,
-        sqrt_dtype=policy.moment_dtype,
-        precision=policy.matmul,
-        remat_isqrt=remat_isqrt,
-        check=_checks.check_mode(self.check_values))
+    fn: Callable[..., jax.Array] = functools.partial(
+      pipeline,
+      isqrt_iterations=self.isqrt_iterations,
+      isqrt_normalization=self.isqrt_normalization,
+      isqrt_method=self.isqrt_method,
+      isqrt_space=self.isqrt_space,
+      use_third_order=self.use_third_order,
+      sketch_dim=self.sketch_dim,
+      sketch_seed=self.sketch_seed,
+      eps=self.eps,
+      moment_dtype=policy.moment_dtype,
+      sqrt_dtype=policy.moment_dtype,
+      precision=policy.matmul,
+      remat_isqrt=remat_isqrt,
+      check=_checks.check_mode(self.check_values),
+    )
     if ckpt is not None and outer_remat:
       fn = jax.checkpoint(fn, policy=ckpt)
     return fn

@@ -26,18 +26,18 @@ import numpy as np
 from moment_jax import steps
 
 __all__ = [
-    "CompiledMemory",
-    "StepBill",
-    "compiled_memory",
-    "device_peak",
-    "head_device_peaks",
-    "head_residual_bytes",
-    "make_train_step",
-    "nbytes",
-    "residual_bytes",
-    "residuals",
-    "step_bill",
-    "suggest_batch_size",
+  "CompiledMemory",
+  "StepBill",
+  "compiled_memory",
+  "device_peak",
+  "head_device_peaks",
+  "head_residual_bytes",
+  "make_train_step",
+  "nbytes",
+  "residual_bytes",
+  "residuals",
+  "step_bill",
+  "suggest_batch_size",
 ]
 
 MB = 1e6
@@ -66,6 +66,7 @@ def residuals(fn: Callable[..., Any], *args: Any) -> list[tuple[Any, str]]:
   `jax.ad_checkpoint.print_saved_residuals` prints), traced from shapes.
   """
   from jax._src.ad_checkpoint import saved_residuals  # the list behind print_saved_residuals
+
   return saved_residuals(fn, *_shapes(args))
 
 
@@ -76,8 +77,9 @@ def residual_bytes(fn: Callable[..., Any], *args: Any) -> int:
   differentiating with respect to only some arguments is expressed by
   closing over the others.
   """
-  return sum(nbytes(aval) for aval, why in residuals(fn, *args)
-             if not why.startswith("from the argument"))
+  return sum(
+    nbytes(aval) for aval, why in residuals(fn, *args) if not why.startswith("from the argument")
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,8 +98,9 @@ class CompiledMemory:
     return self.argument + self.output - self.alias + self.temp
 
 
-def compiled_memory(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = (),
-                    jitted: bool = False) -> CompiledMemory:
+def compiled_memory(
+  fn: Callable[..., Any], *args: Any, donate_argnums: tuple[int, ...] = (), jitted: bool = False
+) -> CompiledMemory:
   """Compiles `fn` for `args` (arrays or shape structs) and reads its memory analysis.
 
   Args:
@@ -105,16 +108,19 @@ def compiled_memory(fn: Callable[..., Any], *args: Any, donate_argnums: tuple[in
     *args: example arguments; only shapes and dtypes are used.
     donate_argnums: arguments whose buffers the step may reuse.
   """
-  f = fn if jitted else jax.jit(fn, donate_argnums=donate_argnums)
+  f: Any = fn if jitted else jax.jit(fn, donate_argnums=donate_argnums)
   m = f.lower(*_shapes(args)).compile().memory_analysis()
-  return CompiledMemory(temp=int(m.temp_size_in_bytes),
-                        argument=int(m.argument_size_in_bytes),
-                        output=int(m.output_size_in_bytes),
-                        alias=int(m.alias_size_in_bytes),
-                        generated_code=int(m.generated_code_size_in_bytes))
+  return CompiledMemory(
+    temp=int(m.temp_size_in_bytes),
+    argument=int(m.argument_size_in_bytes),
+    output=int(m.output_size_in_bytes),
+    alias=int(m.alias_size_in_bytes),
+    generated_code=int(m.generated_code_size_in_bytes),
+  )
 
 
 # -- device peaks ----------------------------------------------------------------
+
 
 def _materialize(x: Any, seed: int) -> Any:
   """A host array for a shape struct (random floats, a PRNG key, zeros otherwise)."""
@@ -133,7 +139,8 @@ def _peak_worker(fn, args, queue):
     compiled = jax.jit(fn).lower(*_shapes(args)).compile()
     leaves, tree = jax.tree.flatten(args)
     on_device = jax.tree.unflatten(
-        tree, [jax.device_put(_materialize(a, i), dev) for i, a in enumerate(leaves)])
+      tree, [jax.device_put(_materialize(a, i), dev) for i, a in enumerate(leaves)]
+    )
     jax.block_until_ready(on_device)
     stats = dev.memory_stats() or {}
     before = stats.get("bytes_in_use")
@@ -143,8 +150,17 @@ def _peak_worker(fn, args, queue):
     peak_before = stats.get("peak_bytes_in_use", before)
     jax.block_until_ready(compiled(*on_device))
     peak = dev.memory_stats()["peak_bytes_in_use"]
-    queue.put(("ok", dict(peak=peak - before, before=before,
-                          earlier_peak=peak_before - before, device=dev.device_kind)))
+    queue.put(
+      (
+        "ok",
+        dict(
+          peak=peak - before,
+          before=before,
+          earlier_peak=peak_before - before,
+          device=dev.device_kind,
+        ),
+      )
+    )
   except Exception as e:  # report, don't hang the parent
     queue.put(("err", f"{type(e).__name__}: {e}"))
 
@@ -195,6 +211,7 @@ def device_peak(fn: Callable[..., Any], *args: Any, timeout: float = 600.0) -> d
 
 # -- the whole bill of a training step ---------------------------------------------
 
+
 @dataclasses.dataclass(frozen=True)
 class StepBill:
   """Bytes of one optax training step of a head (see `step_bill`)."""
@@ -208,8 +225,9 @@ class StepBill:
 
   @property
   def total(self) -> int:
-    return (self.params + self.batch_stats + self.grads + self.opt_state + self.inputs
-            + self.activations)
+    return (
+      self.params + self.batch_stats + self.grads + self.opt_state + self.inputs + self.activations
+    )
 
   def as_mb(self) -> dict[str, float]:
     d = {k: v / MB for k, v in dataclasses.asdict(self).items()}
@@ -217,13 +235,16 @@ class StepBill:
     return d
 
 
-def make_train_step(head: Any, optimizer: Any, graph: Any = None,
-                    token_grad: bool = True) -> Callable[..., Any]:
+def make_train_step(
+  head: Any, optimizer: Any, graph: Any = None, token_grad: bool = True
+) -> Callable[..., Any]:
   """Jitted optax step `(params, opt_state, batch_stats, tokens, key) -> (params,
   opt_state, batch_stats, loss[, d_tokens])`, donating params and optimizer state."""
   import optax
-  grad_fn = jax.value_and_grad(steps.make_loss(head, graph),
-                               argnums=(0, 2) if token_grad else 0, has_aux=True)
+
+  grad_fn = jax.value_and_grad(
+    steps.make_loss(head, graph), argnums=(0, 2) if token_grad else 0, has_aux=True
+  )
 
   def step(params, opt_state, batch_stats, tokens, key):
     (loss, stats), grads = grad_fn(params, batch_stats, tokens, key)
@@ -237,9 +258,14 @@ def make_train_step(head: Any, optimizer: Any, graph: Any = None,
   return jax.jit(step, donate_argnums=(0, 1, 2))
 
 
-def step_bill(head: Any, batch_shape: tuple[int, int, int], optimizer: Any,
-              graph: Any = None, token_grad: bool = True,
-              dtype: Any = jnp.float32) -> StepBill:
+def step_bill(
+  head: Any,
+  batch_shape: tuple[int, int, int],
+  optimizer: Any,
+  graph: Any = None,
+  token_grad: bool = True,
+  dtype: Any = jnp.float32,
+) -> StepBill:
   """Parameters, gradients, optimizer state, inputs and activations of one step.
 
   From compiled analysis of `make_train_step` (nothing is allocated):
@@ -252,17 +278,34 @@ def step_bill(head: Any, batch_shape: tuple[int, int, int], optimizer: Any,
   opt_state = jax.eval_shape(optimizer.init, params)
   tokens = jax.ShapeDtypeStruct(batch_shape, dtype)
   key = jax.ShapeDtypeStruct((), jax.random.key(0).dtype)
-  mem = compiled_memory(make_train_step(head, optimizer, graph, token_grad),
-                        params, opt_state, stats, tokens, key, jitted=True)
-  return StepBill(params=nbytes(params), batch_stats=nbytes(stats), grads=nbytes(params),
-                  opt_state=nbytes(opt_state),
-                  inputs=nbytes(tokens) * (2 if token_grad else 1),
-                  activations=mem.temp)
+  mem = compiled_memory(
+    make_train_step(head, optimizer, graph, token_grad),
+    params,
+    opt_state,
+    stats,
+    tokens,
+    key,
+    jitted=True,
+  )
+  return StepBill(
+    params=nbytes(params),
+    batch_stats=nbytes(stats),
+    grads=nbytes(params),
+    opt_state=nbytes(opt_state),
+    inputs=nbytes(tokens) * (2 if token_grad else 1),
+    activations=mem.temp,
+  )
 
 
-def suggest_batch_size(head: Any, tokens_shape: tuple[int, int], budget_bytes: int,
-                       optimizer: Any = None, graph: Any = None, token_grad: bool = True,
-                       max_batch: int = 1 << 16) -> int:
+def suggest_batch_size(
+  head: Any,
+  tokens_shape: tuple[int, int],
+  budget_bytes: int,
+  optimizer: Any = None,
+  graph: Any = None,
+  token_grad: bool = True,
+  max_batch: int = 1 << 16,
+) -> int:
   """The largest batch whose training step's bill fits `budget_bytes` (0 if none).
 
   The JAX answer to "if total_memory < 8e9: batch_size = 2": doubling, then
@@ -278,11 +321,13 @@ def suggest_batch_size(head: Any, tokens_shape: tuple[int, int], budget_bytes: i
     max_batch: upper end of the search.
   """
   import optax
+
   optimizer = optimizer if optimizer is not None else optax.adamw(1e-3)
   if budget_bytes <= 0:
     raise ValueError(f"budget_bytes: expected a positive byte count, got {budget_bytes!r}")
-  fits = lambda b: step_bill(head, (b, *tokens_shape), optimizer, graph,
-                             token_grad).total <= budget_bytes
+  fits = lambda b: (
+    step_bill(head, (b, *tokens_shape), optimizer, graph, token_grad).total <= budget_bytes
+  )
   if not fits(1):
     return 0
   lo, hi = 1, 2
@@ -295,8 +340,13 @@ def suggest_batch_size(head: Any, tokens_shape: tuple[int, int], budget_bytes: i
   return lo
 
 
-def head_residual_bytes(head: Any, batch_shape: tuple[int, int, int], graph: Any = None,
-                        token_grad: bool = True, dtype: Any = jnp.float32) -> int:
+def head_residual_bytes(
+  head: Any,
+  batch_shape: tuple[int, int, int],
+  graph: Any = None,
+  token_grad: bool = True,
+  dtype: Any = jnp.float32,
+) -> int:
   """`residual_bytes` of a head's training-mode forward (loss of `steps.make_loss`).
 
   Without `token_grad` the tokens are a constant of the differentiation (the
@@ -310,11 +360,13 @@ def head_residual_bytes(head: Any, batch_shape: tuple[int, int, int], graph: Any
       tokens = jax.lax.stop_gradient(tokens)
     return loss(params, batch_stats, tokens, jax.random.key(0))[0]
 
-  return residual_bytes(fwd, shapes["params"], shapes["batch_stats"],
-                        jax.ShapeDtypeStruct(batch_shape, dtype))
+  return residual_bytes(
+    fwd, shapes["params"], shapes["batch_stats"], jax.ShapeDtypeStruct(batch_shape, dtype)
+  )
 
 
 # -- device-peak scenarios (module-level, so a spawned process can unpickle them) --
+
 
 def forward_fn(head: Any, graph: Any = None, token_grad: bool = True) -> Callable[..., Any]:
   """`(params, batch_stats, tokens, key) -> (loss, vjp)`: a training-mode forward that
@@ -349,7 +401,8 @@ class _GradStep:
 
   def __call__(self, params, batch_stats, tokens, key):
     return steps.make_grad_step(self.head, self.graph, self.token_grad)(
-        params, batch_stats, tokens, key)
+      params, batch_stats, tokens, key
+    )
 
 
 def grad_step_fn(head: Any, graph: Any = None, token_grad: bool = True) -> Callable[..., Any]:
@@ -358,8 +411,9 @@ def grad_step_fn(head: Any, graph: Any = None, token_grad: bool = True) -> Calla
   return _GradStep(head, graph, token_grad)
 
 
-def head_device_peaks(head: Any, batch_shape: tuple[int, int, int], graph: Any = None,
-                      token_grad: bool = True) -> dict[str, Any]:
+def head_device_peaks(
+  head: Any, batch_shape: tuple[int, int, int], graph: Any = None, token_grad: bool = True
+) -> dict[str, Any]:
   """Forward and step activations of a head on the default GPU, in bytes.
 
   forward: peak of `forward_fn` above parameters and inputs; step: peak of the
@@ -367,11 +421,20 @@ def head_device_peaks(head: Any, batch_shape: tuple[int, int, int], graph: Any =
   `token_grad`, the tokens') that any step must return.
   """
   shapes = steps.variable_shapes(head, batch_shape, graph)
-  args = (shapes["params"], shapes["batch_stats"], jax.ShapeDtypeStruct(batch_shape, jnp.float32),
-          jax.ShapeDtypeStruct((), jax.random.key(0).dtype))
+  args = (
+    shapes["params"],
+    shapes["batch_stats"],
+    jax.ShapeDtypeStruct(batch_shape, jnp.float32),
+    jax.ShapeDtypeStruct((), jax.random.key(0).dtype),
+  )
   fwd = device_peak(forward_fn(head, graph, token_grad), *args)
   stp = device_peak(grad_step_fn(head, graph, token_grad), *args)
   grads = nbytes(shapes["params"]) + (nbytes(args[2]) if token_grad else 0)
-  return dict(forward=fwd["peak"], step=stp["peak"] - grads, step_raw=stp["peak"],
-              grads=grads, device=fwd["device"],
-              earlier_peak=max(fwd["earlier_peak"], stp["earlier_peak"]))
+  return dict(
+    forward=fwd["peak"],
+    step=stp["peak"] - grads,
+    step_raw=stp["peak"],
+    grads=grads,
+    device=fwd["device"],
+    earlier_peak=max(fwd["earlier_peak"], stp["earlier_peak"]),
+  )

@@ -27,10 +27,10 @@ import jax.numpy as jnp
 __all__ = ["NAMED_POLICIES", "Policy", "get_policy", "parse_policy"]
 
 _MATMUL = {
-    "default": jax.lax.Precision.DEFAULT,
-    "tf32": jax.lax.Precision.DEFAULT,  # XLA:GPU runs DEFAULT f32 dots in TF32
-    "high": jax.lax.Precision.HIGH,
-    "highest": jax.lax.Precision.HIGHEST,
+  "default": jax.lax.Precision.DEFAULT,
+  "tf32": jax.lax.Precision.DEFAULT,  # XLA:GPU runs DEFAULT f32 dots in TF32
+  "high": jax.lax.Precision.HIGH,
+  "highest": jax.lax.Precision.HIGHEST,
 }
 _KEYS = ("params", "compute", "output", "moment", "matmul")
 
@@ -55,8 +55,9 @@ class Policy:
       # Squares of token entries above ~256 exceed float16's 65504: the
       # moment would silently become inf (the PyTorch ancestors' fp16 NaNs).
       raise ValueError(
-          "Policy.moment_dtype: float16 overflows in the second moment (max 65504, "
-          "reached by token entries of ~256); use bfloat16 (same width, float32's range)")
+        "Policy.moment_dtype: float16 overflows in the second moment (max 65504, "
+        "reached by token entries of ~256); use bfloat16 (same width, float32's range)"
+      )
 
   def cast_to_param(self, tree: Any) -> Any:
     return _cast_floating(tree, self.param_dtype)
@@ -70,23 +71,25 @@ class Policy:
 
 def _cast_floating(tree: Any, dtype: jnp.dtype) -> Any:
   """Casts the floating leaves of `tree` to `dtype`; other leaves are kept."""
+
   def cast(x):
     if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
       return x.astype(dtype)
     return x
+
   return jax.tree.map(cast, tree)
 
 
 _F32, _BF16 = jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)
 NAMED_POLICIES = {
-    "float32": Policy(_F32, _F32, _F32, _F32, jax.lax.Precision.HIGHEST),
-    "tf32": Policy(_F32, _F32, _F32, _F32, jax.lax.Precision.DEFAULT),
-    # bf16 operands everywhere, f32 accumulation, trace and BatchNorm
-    # statistics; at K <= 5 the rounding is small beside the truncation error.
-    "bfloat16": Policy(_F32, _BF16, _F32, _BF16, jax.lax.Precision.DEFAULT),
-    # bf16 except the moment and Newton–Schulz stage: for many iterations or a
-    # near-exact root, where bf16 rounding would dominate.
-    "bfloat16-sqrt32": Policy(_F32, _BF16, _F32, _F32, jax.lax.Precision.DEFAULT),
+  "float32": Policy(_F32, _F32, _F32, _F32, jax.lax.Precision.HIGHEST),
+  "tf32": Policy(_F32, _F32, _F32, _F32, jax.lax.Precision.DEFAULT),
+  # bf16 operands everywhere, f32 accumulation, trace and BatchNorm
+  # statistics; at K <= 5 the rounding is small beside the truncation error.
+  "bfloat16": Policy(_F32, _BF16, _F32, _BF16, jax.lax.Precision.DEFAULT),
+  # bf16 except the moment and Newton–Schulz stage: for many iterations or a
+  # near-exact root, where bf16 rounding would dominate.
+  "bfloat16-sqrt32": Policy(_F32, _BF16, _F32, _F32, jax.lax.Precision.DEFAULT),
 }
 
 
@@ -113,7 +116,8 @@ def parse_policy(spec: str) -> Policy:
     key, value = key.strip(), value.strip()
     if not sep or key not in _KEYS:
       raise ValueError(
-          f"policy: unknown key {key!r} in {spec!r}; valid keys are {', '.join(_KEYS)}")
+        f"policy: unknown key {key!r} in {spec!r}; valid keys are {', '.join(_KEYS)}"
+      )
     if key in fields:
       raise ValueError(f"policy: key {key!r} given twice in {spec!r}")
     fields[key] = value
@@ -121,8 +125,7 @@ def parse_policy(spec: str) -> Policy:
   all_f32 = all(dt == _F32 for dt in dts.values())
   mm = fields.get("matmul", "highest" if all_f32 else "default")
   if mm not in _MATMUL:
-    raise ValueError(
-        f"policy: matmul={mm!r} is unknown; valid values are {', '.join(_MATMUL)}")
+    raise ValueError(f"policy: matmul={mm!r} is unknown; valid values are {', '.join(_MATMUL)}")
   return Policy(dts["params"], dts["compute"], dts["output"], dts["moment"], _MATMUL[mm])
 
 
@@ -137,6 +140,7 @@ def get_policy(policy: str | Policy) -> Policy:
   if "=" in policy:
     return parse_policy(policy)
   raise ValueError(
-      f"policy: unknown name {policy!r}; valid names are "
-      f"{', '.join(NAMED_POLICIES)}, or a string like "
-      f"'params=float32,compute=bfloat16,output=float32'")
+    f"policy: unknown name {policy!r}; valid names are "
+    f"{', '.join(NAMED_POLICIES)}, or a string like "
+    f"'params=float32,compute=bfloat16,output=float32'"
+  )

@@ -8,38 +8,43 @@ from typing import Any
 __all__ = ["PRESETS", "PRESET_NAMES", "preset"]
 
 _PRESETS = {
-    # The unoptimised design (~300M parameters at D=768).
-    "original": dict(d_out=1024, use_third_order=True, isqrt_iterations=5,
-                     sketch_dim=4096, mlp="double"),
-    # The recommended one (151M parameters at D=768).
-    "optimized": dict(d_out=512, use_third_order=False, isqrt_iterations=3,
-                      sketch_dim=1024, mlp="single"),
-    "memory": dict(d_out=256, use_third_order=False, isqrt_iterations=2,
-                   sketch_dim=512, mlp="single"),
-    "performance": dict(d_out=512, use_third_order=True, isqrt_iterations=3,
-                        sketch_dim=2048, mlp="single"),
+  # The unoptimised design (~300M parameters at D=768).
+  "original": dict(
+    d_out=1024, use_third_order=True, isqrt_iterations=5, sketch_dim=4096, mlp="double"
+  ),
+  # The recommended one (151M parameters at D=768).
+  "optimized": dict(
+    d_out=512, use_third_order=False, isqrt_iterations=3, sketch_dim=1024, mlp="single"
+  ),
+  "memory": dict(
+    d_out=256, use_third_order=False, isqrt_iterations=2, sketch_dim=512, mlp="single"
+  ),
+  "performance": dict(
+    d_out=512, use_third_order=True, isqrt_iterations=3, sketch_dim=2048, mlp="single"
+  ),
 }
 _PRESETS["balanced"] = _PRESETS["optimized"]
 
 PRESETS: types.MappingProxyType = types.MappingProxyType(
-    {k: types.MappingProxyType(v) for k, v in _PRESETS.items()})
+  {k: types.MappingProxyType(v) for k, v in _PRESETS.items()}
+)
 """Read-only map from preset name to `MomentHead` keyword arguments."""
 
-PRESET_NAMES: tuple[str, ...] = ("original", "optimized", "balanced", "memory",
-                                 "performance")
+PRESET_NAMES: tuple[str, ...] = ("original", "optimized", "balanced", "memory", "performance")
 
 # Training-mode memory of the PyTorch design at B=4, N=196, D=768, from the
 # seed's write-up (MB). "optimized" and "balanced" are the same configuration.
-SEED_MEMORY_MB = types.MappingProxyType({
+SEED_MEMORY_MB = types.MappingProxyType(
+  {
     "original": "~150",
     "optimized": "91.18 / 56.84",
     "balanced": "91.18 / 56.84",
-})
+  }
+)
 
 
 def preset(name: str) -> dict[str, Any]:
   """The keyword arguments of preset `name` (a fresh, mutable copy)."""
   if name not in PRESETS:
-    raise ValueError(
-        f"preset: unknown name {name!r}; valid names are {', '.join(PRESET_NAMES)}")
+    raise ValueError(f"preset: unknown name {name!r}; valid names are {', '.join(PRESET_NAMES)}")
   return dict(PRESETS[name])

@@ -13,10 +13,16 @@ PIPELINE_POLICIES = ("isqrt", "features")
 # Factories of jax.checkpoint_policies that take checkpoint names; the other
 # factories (offloading, combining policies) need arguments a string cannot
 # carry: pass the policy they build as a callable.
-_NAMED_FACTORIES = ("save_only_these_names", "save_any_names_but_these",
-                    "save_anything_except_these_names")
-_OTHER_FACTORIES = ("offload_dot_with_no_batch_dims", "save_and_offload_only_these_names",
-                    "save_from_both_policies")
+_NAMED_FACTORIES = (
+  "save_only_these_names",
+  "save_any_names_but_these",
+  "save_anything_except_these_names",
+)
+_OTHER_FACTORIES = (
+  "offload_dot_with_no_batch_dims",
+  "save_and_offload_only_these_names",
+  "save_from_both_policies",
+)
 CHECKPOINT_NAMES = ("moment", "sqrtm", "features")
 
 
@@ -24,7 +30,9 @@ def _jax_policy_names() -> list[str]:
   return sorted(n for n in dir(jax.checkpoint_policies) if not n.startswith("_"))
 
 
-def resolve_remat(policy: str | Callable[..., Any] | None) -> tuple[bool, Callable[..., Any] | None]:
+def resolve_remat(
+  policy: str | Callable[..., Any] | None,
+) -> tuple[bool, Callable[..., Any] | None]:
   """Resolves a `remat_policy` value.
 
   Args:
@@ -57,21 +65,24 @@ def resolve_remat(policy: str | Callable[..., Any] | None) -> tuple[bool, Callab
   valid = _jax_policy_names()
   if name not in valid:
     raise ValueError(
-        f"remat_policy: unknown policy {policy!r}; valid values are None, "
-        f"{', '.join(repr(p) for p in PIPELINE_POLICIES)}, a callable, or a name of "
-        f"jax.checkpoint_policies: {', '.join(valid)}")
+      f"remat_policy: unknown policy {policy!r}; valid values are None, "
+      f"{', '.join(repr(p) for p in PIPELINE_POLICIES)}, a callable, or a name of "
+      f"jax.checkpoint_policies: {', '.join(valid)}"
+    )
   fn = getattr(jax.checkpoint_policies, name)
   if name in _OTHER_FACTORIES:
     raise ValueError(
-        f"remat_policy: {name!r} builds a policy from arguments; pass "
-        f"jax.checkpoint_policies.{name}(...) itself as remat_policy")
+      f"remat_policy: {name!r} builds a policy from arguments; pass "
+      f"jax.checkpoint_policies.{name}(...) itself as remat_policy"
+    )
   if name in _NAMED_FACTORIES:
     names = [a.strip() for a in args.split(",") if a.strip()]
     bad = [n for n in names if n not in CHECKPOINT_NAMES]
     if bad:
       raise ValueError(
-          f"remat_policy: unknown checkpoint names {bad} in {policy!r}; "
-          f"the pipeline tags {', '.join(CHECKPOINT_NAMES)}")
+        f"remat_policy: unknown checkpoint names {bad} in {policy!r}; "
+        f"the pipeline tags {', '.join(CHECKPOINT_NAMES)}"
+      )
     return False, fn(*names)
   if args:
     raise ValueError(f"remat_policy: {name!r} takes no names, got {policy!r}")

@@ -19,11 +19,18 @@ def make_loss(head: Any, graph: Any = None) -> Callable[..., Any]:
   A training-mode forward (batch statistics, dropout from `key`) with a
   mean-square loss on the output: a stand-in for any loss on the head.
   """
+
   def loss(params, batch_stats, tokens, key):
     out, updates = head.apply(
-        {"params": params, "batch_stats": batch_stats}, tokens, graph,
-        train=True, rngs={"dropout": key}, mutable=["batch_stats"])
+      {"params": params, "batch_stats": batch_stats},
+      tokens,
+      graph,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
     return jnp.mean(jnp.square(out.astype(jnp.float32))), updates["batch_stats"]
+
   return loss
 
 
@@ -37,8 +44,9 @@ def make_grad_step(head: Any, graph: Any = None, token_grad: bool = True) -> Cal
   return jax.jit(jax.value_and_grad(make_loss(head, graph), argnums=argnums, has_aux=True))
 
 
-def variable_shapes(head: Any, tokens_shape: tuple[int, ...], graph: Any = None,
-                    dtype: Any = jnp.float32) -> Any:
+def variable_shapes(
+  head: Any, tokens_shape: tuple[int, ...], graph: Any = None, dtype: Any = jnp.float32
+) -> Any:
   """Shapes of the head's variables via `jax.eval_shape` (nothing allocated)."""
   tokens = jax.ShapeDtypeStruct(tokens_shape, dtype)
   return jax.eval_shape(lambda t: head.init(jax.random.key(0), t, graph, train=False), tokens)

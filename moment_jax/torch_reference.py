@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from moment_jax import presets
-from moment_jax.config import HeadConfig
+from moment_jax.config import HeadConfig, Mlp
 from moment_jax.ops._checks import check_int
 from moment_jax.ops.features import feature_size
 from moment_jax.ops.sketch import sketch_hashes
@@ -111,16 +111,38 @@ class MomentHead(nn.Module):
   (`False` marks padding). Output `[batch, d_out]`.
   """
 
-  def __init__(self, d_in: int, d_out: int = 512, use_third_order: bool = False,
-               isqrt_iterations: int = 3, sketch_dim: int = 1024, eps: float = 1e-5,
-               mlp: str = "single", dropout_rate: float = 0.1, sketch_seed: int = 0,
-               checkpoint_isqrt: bool = False, d_reduce: int | None = None):
+  # Buffers (set in __init__), typed for the type checker.
+  triu_flat: torch.Tensor
+  sketch_h: torch.Tensor
+  sketch_s: torch.Tensor
+
+  def __init__(
+    self,
+    d_in: int,
+    d_out: int = 512,
+    use_third_order: bool = False,
+    isqrt_iterations: int = 3,
+    sketch_dim: int = 1024,
+    eps: float = 1e-5,
+    mlp: Mlp = "single",
+    dropout_rate: float = 0.1,
+    sketch_seed: int = 0,
+    checkpoint_isqrt: bool = False,
+    d_reduce: int | None = None,
+  ):
     super().__init__()
     check_int("d_in", d_in)
-    HeadConfig(d_out=d_out, use_third_order=use_third_order,
-               isqrt_iterations=isqrt_iterations, sketch_dim=sketch_dim, eps=eps, mlp=mlp,
-               dropout_rate=dropout_rate, sketch_seed=sketch_seed,
-               d_reduce=d_reduce).validate()
+    HeadConfig(
+      d_out=d_out,
+      use_third_order=use_third_order,
+      isqrt_iterations=isqrt_iterations,
+      sketch_dim=sketch_dim,
+      eps=eps,
+      mlp=mlp,
+      dropout_rate=dropout_rate,
+      sketch_seed=sketch_seed,
+      d_reduce=d_reduce,
+    ).validate()
     self.d_in, self.d_out, self.d_reduce = d_in, d_out, d_reduce
     self.use_third_order, self.isqrt_iterations = use_third_order, isqrt_iterations
     self.sketch_dim, self.sketch_seed, self.eps = sketch_dim, sketch_seed, eps
@@ -135,15 +157,16 @@ class MomentHead(nn.Module):
     self.register_buffer("triu_flat", rows * width + cols, persistent=False)
     if use_third_order:
       h, s = sketch_hashes(width, sketch_dim, sketch_seed)
-      self.register_buffer("sketch_h", torch.tensor(np.array(h), dtype=torch.long),
-                           persistent=False)
+      self.register_buffer(
+        "sketch_h", torch.tensor(np.array(h), dtype=torch.long), persistent=False
+      )
       self.register_buffer("sketch_s", torch.tensor(np.array(s)), persistent=False)
 
     layers: list[nn.Module] = [
-        nn.Linear(feature_size(width, use_third_order, sketch_dim), d_out),
-        nn.BatchNorm1d(d_out),  # eps 1e-5, momentum 0.1
-        nn.GELU(),  # exact (erf)
-        nn.Dropout(dropout_rate),
+      nn.Linear(feature_size(width, use_third_order, sketch_dim), d_out),
+      nn.BatchNorm1d(d_out),  # eps 1e-5, momentum 0.1
+      nn.GELU(),  # exact (erf)
+      nn.Dropout(dropout_rate),
     ]
     if mlp == "double":
       layers.append(nn.Linear(d_out, d_out))
@@ -151,34 +174,42 @@ class MomentHead(nn.Module):
 
   @classmethod
   def from_preset(cls, name: str, d_in: int, **overrides: Any) -> "MomentHead":
-    """A head configured as preset `name` of docs/math.md section 8 (`moment_jax.presets`), with overrides."""
+    """A head configured as preset `name` (docs/math.md section 8), with overrides."""
     return cls(d_in, **{**presets.preset(name), **overrides})
 
   def extra_repr(self) -> str:
-    return (f"d_in={self.d_in}, d_out={self.d_out}, use_third_order={self.use_third_order}, "
-            f"isqrt_iterations={self.isqrt_iterations}, sketch_dim={self.sketch_dim}, "
-            f"eps={self.eps}, mlp={self.mlp_kind!r}, sketch_seed={self.sketch_seed}, "
-            f"checkpoint_isqrt={self.checkpoint_isqrt}, d_reduce={self.d_reduce}")
+    return (
+      f"d_in={self.d_in}, d_out={self.d_out}, use_third_order={self.use_third_order}, "
+      f"isqrt_iterations={self.isqrt_iterations}, sketch_dim={self.sketch_dim}, "
+      f"eps={self.eps}, mlp={self.mlp_kind!r}, sketch_seed={self.sketch_seed}, "
+      f"checkpoint_isqrt={self.checkpoint_isqrt}, d_reduce={self.d_reduce}"
+    )
 
-  def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True,
-                      assign: bool = False):
+  def load_state_dict(
+    self, state_dict: Mapping[str, Any], strict: bool = True, assign: bool = False
+  ):
     """`nn.Module.load_state_dict`, also accepting NumPy arrays as values
     (as `moment_jax.convert.flax_to_torch` returns by default)."""
-    state_dict = {k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray)
-                  else v for k, v in state_dict.items()}
+    state_dict = {
+      k: torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v
+      for k, v in state_dict.items()
+    }
     return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
-  def _check_inputs(self, tokens: torch.Tensor, graph: torch.Tensor | None,
-                    mask: torch.Tensor | None) -> None:
+  def _check_inputs(
+    self, tokens: torch.Tensor, graph: torch.Tensor | None, mask: torch.Tensor | None
+  ) -> None:
     if tokens.dim() != 3 or tokens.shape[-1] != self.d_in:
-      raise ValueError(f"tokens: expected shape [batch, tokens, {self.d_in}], "
-                       f"got {tuple(tokens.shape)}")
+      raise ValueError(
+        f"tokens: expected shape [batch, tokens, {self.d_in}], got {tuple(tokens.shape)}"
+      )
     if not tokens.is_floating_point():
       raise ValueError(f"tokens: expected a floating dtype, got {tokens.dtype}")
     b, n, _ = tokens.shape
     if graph is not None and tuple(graph.shape) not in ((n, n), (b, n, n)):
-      raise ValueError(f"graph: expected shape ({n}, {n}) or ({b}, {n}, {n}), "
-                       f"got {tuple(graph.shape)}")
+      raise ValueError(
+        f"graph: expected shape ({n}, {n}) or ({b}, {n}, {n}), got {tuple(graph.shape)}"
+      )
     if mask is not None and tuple(mask.shape) != (b, n):
       raise ValueError(f"mask: expected shape ({b}, {n}), got {tuple(mask.shape)}")
 
@@ -201,9 +232,13 @@ class MomentHead(nn.Module):
       return checkpoint(newton_schulz_sqrt, m2, self.isqrt_iterations, use_reentrant=False)
     return newton_schulz_sqrt(m2, self.isqrt_iterations)
 
-  def features(self, tokens: torch.Tensor, graph: torch.Tensor | None = None,
-               mask: torch.Tensor | None = None) -> torch.Tensor:
-    """docs/math.md sections 1-6 (after the optional `reduce`): `[batch, tokens, d_in]` -> `[batch, F]`."""
+  def features(
+    self, tokens: torch.Tensor, graph: torch.Tensor | None = None, mask: torch.Tensor | None = None
+  ) -> torch.Tensor:
+    """docs/math.md sections 1-6 (after the optional `reduce`).
+
+    `[batch, tokens, d_in]` -> `[batch, F]`.
+    """
     self._check_inputs(tokens, graph, mask)
     h = tokens if self.d_reduce is None else self.reduce(tokens)
     b, n_tok, d = h.shape
@@ -230,8 +265,9 @@ class MomentHead(nn.Module):
       f = torch.cat([f, self._sketch(hc, n).to(f.dtype)], dim=-1)
     return f
 
-  def forward(self, tokens: torch.Tensor, graph: torch.Tensor | None = None,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
+  def forward(
+    self, tokens: torch.Tensor, graph: torch.Tensor | None = None, mask: torch.Tensor | None = None
+  ) -> torch.Tensor:
     """`[batch, tokens, d_in]` (graph `[tokens, tokens]` or `[batch, tokens,
     tokens]`, mask `[batch, tokens]`) -> `[batch, d_out]`."""
     return self.mlp(self.features(tokens, graph, mask))

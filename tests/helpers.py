@@ -8,14 +8,22 @@ import numpy as np
 def head_grads(head, variables, tokens, graph=None, mask=None, key=0):
   """Training-mode output of `head` and the gradients of `sum(out**2)` with
   respect to its parameters and the tokens: `(out, (d_params, d_tokens))`."""
+
   def loss(params, t):
-    out, _ = head.apply({"params": params, "batch_stats": variables["batch_stats"]}, t,
-                        graph, mask, train=True, rngs={"dropout": jax.random.key(key)},
-                        mutable=["batch_stats"])
-    return jnp.sum(out ** 2), out
+    out, _ = head.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      t,
+      graph,
+      mask,
+      train=True,
+      rngs={"dropout": jax.random.key(key)},
+      mutable=["batch_stats"],
+    )
+    return jnp.sum(out**2), out
 
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
-      variables["params"], tokens)
+    variables["params"], tokens
+  )
   return out, grads
 
 

@@ -102,8 +102,17 @@ def tensor_sketch(hc, sketch_dim, seed=0, mask=None, eps=1e-5):
   return np.sign(m3) * ((np.abs(m3) + eps) ** (1 / 3) - eps ** (1 / 3))
 
 
-def moment_features(tokens, graph=None, mask=None, *, isqrt_iterations=3,
-                    use_third_order=False, sketch_dim=1024, sketch_seed=0, eps=1e-5):
+def moment_features(
+  tokens,
+  graph=None,
+  mask=None,
+  *,
+  isqrt_iterations=3,
+  use_third_order=False,
+  sketch_dim=1024,
+  sketch_seed=0,
+  eps=1e-5,
+):
   h = propagate(tokens, graph, eps, mask)
   m2 = second_moment(h, mask, eps)
   f = triu_vector(newton_schulz(m2, isqrt_iterations))
@@ -115,6 +124,7 @@ def moment_features(tokens, graph=None, mask=None, *, isqrt_iterations=3,
 
 def gelu(x):
   from scipy.special import erf
+
   return 0.5 * x * (1 + erf(x / np.sqrt(2)))
 
 

@@ -40,11 +40,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
+from helpers import head_grads
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-import reference as ref
-from helpers import head_grads
 from moment_jax import NAMED_POLICIES, PRESET_NAMES, MomentHead, feature_size, moment_features
 from moment_jax.linen import Projection
 
@@ -57,47 +57,61 @@ def fuzz(examples, salt=""):
   """This file's hypothesis settings: `examples` seeded examples (the seed
   also hashes `salt`, so parametrized cases draw different inputs), or
   MOMENT_JAX_FUZZ_EXAMPLES random ones."""
+
   def wrap(test):
-    test = settings(max_examples=int(_EXAMPLES or examples), deadline=None,
-                    database=None, print_blob=True,
-                    suppress_health_check=[HealthCheck.too_slow,
-                                           HealthCheck.data_too_large])(test)
+    test = settings(
+      max_examples=int(_EXAMPLES or examples),
+      deadline=None,
+      database=None,
+      print_blob=True,
+      suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )(test)
     if _EXAMPLES:
       return test
     return seed(zlib.crc32(f"{test.__name__}/{salt}".encode()))(test)
+
   return wrap
 
 
 # -- inputs ----------------------------------------------------------------------
 
+
 class Case(NamedTuple):
   """One drawn input, short enough to print; `make_inputs` builds its arrays."""
+
   shape: tuple[int, int, int]
-  tokens: str        # normal | low-rank | constant | offset | spread
-  log_scale: float   # tokens * 10**log_scale
-  rank: int          # of low-rank tokens
-  graph: str         # none | shared | batched | empty-shared | empty-batched
-  density: float     # of the graph's edges
+  tokens: str  # normal | low-rank | constant | offset | spread
+  log_scale: float  # tokens * 10**log_scale
+  rank: int  # of low-rank tokens
+  graph: str  # none | shared | batched | empty-shared | empty-batched
+  density: float  # of the graph's edges
   log_weight: float  # edge weights * 10**log_weight
-  mask: str          # none | random | single | padding | mixed
+  mask: str  # none | random | single | padding | mixed
   seed: int
 
 
 DIMS = st.sampled_from((1, 33)) | st.integers(1, 33)
 CASES = st.builds(
-    Case, shape=st.tuples(DIMS, DIMS, DIMS),
-    tokens=st.sampled_from(("normal", "low-rank", "constant", "offset", "spread")),
-    log_scale=st.floats(-8, 8), rank=st.integers(1, 3),
-    graph=st.sampled_from(("none", "shared", "batched", "empty-shared", "empty-batched")),
-    density=st.floats(0, 1), log_weight=st.floats(-4, 4),
-    mask=st.sampled_from(("none", "random", "single", "padding", "mixed")),
-    seed=st.integers(0, 2**32 - 1))
-PIPELINES = st.fixed_dictionaries(dict(
+  Case,
+  shape=st.tuples(DIMS, DIMS, DIMS),
+  tokens=st.sampled_from(("normal", "low-rank", "constant", "offset", "spread")),
+  log_scale=st.floats(-8, 8),
+  rank=st.integers(1, 3),
+  graph=st.sampled_from(("none", "shared", "batched", "empty-shared", "empty-batched")),
+  density=st.floats(0, 1),
+  log_weight=st.floats(-4, 4),
+  mask=st.sampled_from(("none", "random", "single", "padding", "mixed")),
+  seed=st.integers(0, 2**32 - 1),
+)
+PIPELINES = st.fixed_dictionaries(
+  dict(
     isqrt_iterations=st.sampled_from((1, 2, 3, 5)),  # the presets' K, and 1
     isqrt_normalization=st.sampled_from(("trace", "frobenius")),
     isqrt_method=st.sampled_from(("newton_schulz", "eigh")),
     use_third_order=st.booleans(),
-    sketch_dim=st.sampled_from((1, 5, 16))))
+    sketch_dim=st.sampled_from((1, 5, 16)),
+  )
+)
 
 
 def make_inputs(case):
@@ -115,17 +129,20 @@ def make_inputs(case):
     x = rng.normal(size=(b, n, d))
     if case.tokens == "spread":
       x = x * 10.0 ** rng.uniform(-6, 0, size=d)
-  x = (x * 10.0 ** case.log_scale).astype(np.float32)
+  x = (x * 10.0**case.log_scale).astype(np.float32)
   graph = None
   if case.graph != "none":
     shape = (n, n) if case.graph.endswith("shared") else (b, n, n)
     graph = (rng.uniform(size=shape) < case.density) * rng.uniform(size=shape)
-    graph = (graph * 10.0 ** case.log_weight * (not case.graph.startswith("empty")))
+    graph = graph * 10.0**case.log_weight * (not case.graph.startswith("empty"))
     graph = graph.astype(np.float32)
   mask = None
   if case.mask != "none":
-    mask = rng.uniform(size=(b, n)) < 0.6 if case.mask in ("random", "mixed") else (
-        np.ones((b, n), bool))
+    mask = (
+      rng.uniform(size=(b, n)) < 0.6
+      if case.mask in ("random", "mixed")
+      else (np.ones((b, n), bool))
+    )
     rows, k = rng.permutation(b), max(1, b // 3)
     if case.mask in ("single", "mixed"):  # one valid token
       mask[rows[:k]] = False
@@ -140,8 +157,7 @@ def permute(case, x, graph, mask, shared):
   for the batch); the graph's rows and columns and the mask alike."""
   rng = np.random.default_rng(case.seed ^ 0x5EED)
   b, n, _ = x.shape
-  perms = np.stack([rng.permutation(n)] * b if shared else
-                   [rng.permutation(n) for _ in range(b)])
+  perms = np.stack([rng.permutation(n)] * b if shared else [rng.permutation(n) for _ in range(b)])
   xp = np.take_along_axis(x, perms[:, :, None], axis=1)
   mp = None if mask is None else np.take_along_axis(mask, perms, axis=1)
   if graph is None:
@@ -154,8 +170,11 @@ def permute(case, x, graph, mask, shared):
 
 
 def assert_finite(**arrays):
-  bad = {k: int(np.size(v) - np.count_nonzero(np.isfinite(np.asarray(v, np.float64))))
-         for k, tree in arrays.items() for v in jax.tree.leaves(tree)}
+  bad = {
+    k: int(np.size(v) - np.count_nonzero(np.isfinite(np.asarray(v, np.float64))))
+    for k, tree in arrays.items()
+    for v in jax.tree.leaves(tree)
+  }
   bad = {k: v for k, v in bad.items() if v}
   assert not bad, f"non-finite entries: {bad}"
 
@@ -211,7 +230,7 @@ def assert_finite(**arrays):
 # After the features, `head_output_bound` carries the observed feature
 # difference through Dense, BatchNorm, GELU (Lipschitz 1.13) and Dense.
 
-U = 2.0 ** -24  # float32 unit round-off
+U = 2.0**-24  # float32 unit round-off
 
 
 @functools.lru_cache(maxsize=None)
@@ -265,8 +284,8 @@ def square_bound(m2, e, k, normalization, method):
     c, dc = np.trace(m2, axis1=1, axis2=2), np.trace(e, axis1=1, axis2=2)
   else:
     c, dc = m_f, e_f
-  phi = 8 * k * d ** 1.5 * U * np.sqrt(c + dc)
-  return (dq + 1.5 * p * dp) * e_f + np.sqrt(d) * r * dc + 3 * p * np.sqrt(c + dc) * phi + phi ** 2
+  phi = 8 * k * d**1.5 * U * np.sqrt(c + dc)
+  return (dq + 1.5 * p * dp) * e_f + np.sqrt(d) * r * dc + 3 * p * np.sqrt(c + dc) * phi + phi**2
 
 
 def sketch_bound(hc, cnt, dh, sketch_dim, sketch_seed=0):
@@ -281,8 +300,12 @@ def sketch_bound(hc, cnt, dh, sketch_dim, sketch_seed=0):
     return np.abs(np.fft.irfft(np.prod([np.fft.rfft(v) for v in vs], 0), n=sketch_dim))
 
   t = conv(*a)
-  dts = (conv(c[0], a[1], a[2]) + conv(a[0], c[1], a[2]) + conv(a[0], a[1], c[2])
-         + 8 * U * (np.log2(sketch_dim) + 2) * big.sum(-1, keepdims=True) ** 3)
+  dts = (
+    conv(c[0], a[1], a[2])
+    + conv(a[0], c[1], a[2])
+    + conv(a[0], a[1], c[2])
+    + 8 * U * (np.log2(sketch_dim) + 2) * big.sum(-1, keepdims=True) ** 3
+  )
   return ((dts + g * (t + dts)).sum(1) + U * t.sum(1)) / cnt[:, 0]
 
 
@@ -307,19 +330,23 @@ def check_permuted_features(f1, f2, x, graph, mask, cfg):
   hc, cnt, dh, m2, e = moment_bounds(x, graph, mask)
   s1, s2 = from_triu(f1[:, :tri], d), from_triu(f2[:, :tri], d)
   err = np.linalg.norm(s1 @ s1 - s2 @ s2, axis=(1, 2))
-  tol = 2 * square_bound(m2, e, cfg["isqrt_iterations"], cfg["isqrt_normalization"],
-                         cfg["isqrt_method"])
+  tol = 2 * square_bound(
+    m2, e, cfg["isqrt_iterations"], cfg["isqrt_normalization"], cfg["isqrt_method"]
+  )
   assert np.all(err <= tol), (
-      f"square roots differ: ||S1^2 - S2^2||_F = {err} > bound {tol} "
-      f"(||M||_F = {np.linalg.norm(m2, axis=(1, 2))})")
+    f"square roots differ: ||S1^2 - S2^2||_F = {err} > bound {tol} "
+    f"(||M||_F = {np.linalg.norm(m2, axis=(1, 2))})"
+  )
   if cfg["use_third_order"]:
     m31, m32 = unpower(f1[:, tri:]), unpower(f2[:, tri:])
     tol = 2 * sketch_bound(hc, cnt, dh, cfg["sketch_dim"]) + 40 * U * (
-        np.abs(m31) + np.abs(m32) + 2e-5)
+      np.abs(m31) + np.abs(m32) + 2e-5
+    )
     err = np.abs(m31 - m32)
     worst = np.unravel_index(np.argmax(err / tol), err.shape)
     assert np.all(err <= tol), (
-        f"sketches differ: |m3_1 - m3_2| = {err[worst]} > bound {tol[worst]} at {worst}")
+      f"sketches differ: |m3_1 - m3_2| = {err[worst]} > bound {tol[worst]} at {worst}"
+    )
 
 
 def head_output_bound(variables, f1, f2, mlp):
@@ -343,18 +370,24 @@ def head_output_bound(variables, f1, f2, mlp):
 # -- moment_features ---------------------------------------------------------------
 
 STAGE_DTYPES = (  # tokens, moment_dtype, sqrt_dtype
-    ("float32", None, None), ("bfloat16", None, None), ("float32", "bfloat16", "bfloat16"),
-    ("bfloat16", "bfloat16", "bfloat16"), ("float32", None, "bfloat16"))
+  ("float32", None, None),
+  ("bfloat16", None, None),
+  ("float32", "bfloat16", "bfloat16"),
+  ("bfloat16", "bfloat16", "bfloat16"),
+  ("float32", None, "bfloat16"),
+)
 
 
 @functools.lru_cache(maxsize=None)
 def features_and_grads(config):
   """jit of `(tokens, graph, mask) -> (features, (d_tokens, d_graph))` under
   `dict(config)`, the gradients for a fixed cotangent."""
+
   def fn(x, graph, mask):
     f, vjp = jax.vjp(lambda t, g: moment_features(t, g, mask, **dict(config)), x, graph)
     ct = jnp.cos(jnp.arange(f.size, dtype=jnp.float32)).reshape(f.shape)
     return f, vjp(ct.astype(f.dtype))
+
   return jax.jit(fn)
 
 
@@ -370,7 +403,8 @@ def test_features_finite_with_finite_gradients(case, pipeline, dtypes):
   tokens_dtype, moment_dtype, sqrt_dtype = dtypes
   cfg = dict(pipeline, moment_dtype=moment_dtype, sqrt_dtype=sqrt_dtype)
   f, grads = features_and_grads(tuple(sorted(cfg.items())))(
-      jnp.asarray(x, tokens_dtype), graph, mask)
+    jnp.asarray(x, tokens_dtype), graph, mask
+  )
   b, _, d = case.shape
   assert f.shape == (b, feature_size(d, cfg["use_third_order"], cfg["sketch_dim"]))
   assert f.dtype == jnp.dtype(sqrt_dtype or moment_dtype or "float32")
@@ -392,20 +426,25 @@ def test_features_permutation_invariant(case, pipeline, shared):
 
 # -- MomentHead --------------------------------------------------------------------
 
-ROOTS = dict(isqrt_normalization=st.sampled_from(("trace", "frobenius")),
-             isqrt_method=st.sampled_from(("newton_schulz", "eigh")))
+ROOTS = dict(
+  isqrt_normalization=st.sampled_from(("trace", "frobenius")),
+  isqrt_method=st.sampled_from(("newton_schulz", "eigh")),
+)
 
 
 def head_step(head):
   """jit of `(tokens, graph, mask) -> (variables, (out, updates), grads, eval_out)`:
   init, a training step's output, batch statistics and gradients
   (`helpers.head_grads`), and the evaluation-mode output."""
+
   def fn(x, graph, mask):
     v = head.init(jax.random.key(0), x, graph, mask, train=False)
     out, grads = head_grads(head, v, x, graph, mask)
-    train = head.apply(v, x, graph, mask, train=True, rngs={"dropout": jax.random.key(0)},
-                       mutable=["batch_stats"])
+    train = head.apply(
+      v, x, graph, mask, train=True, rngs={"dropout": jax.random.key(0)}, mutable=["batch_stats"]
+    )
     return v, train, grads, head.apply(v, x, graph, mask, train=False)
+
   return jax.jit(fn)
 
 
@@ -415,19 +454,23 @@ def test_head_finite_every_preset_and_policy(name, policy):
   @fuzz(2, salt=f"{name}/{policy}")
   @given(case=CASES, **ROOTS)
   def check(case, isqrt_normalization, isqrt_method):
-    head = MomentHead.from_preset(name, **SMALL, policy=policy,
-                                  isqrt_normalization=isqrt_normalization,
-                                  isqrt_method=isqrt_method)
+    head = MomentHead.from_preset(
+      name,
+      **SMALL,
+      policy=policy,
+      isqrt_normalization=isqrt_normalization,
+      isqrt_method=isqrt_method,
+    )
     x, graph, mask = make_inputs(case)
     v, (out, updates), (d_params, d_tokens), ev = head_step(head)(x, graph, mask)
     b = case.shape[0]
     assert out.shape == ev.shape == (b, 8) and out.dtype == ev.dtype == jnp.float32
     assert d_tokens.shape == x.shape
     assert jax.tree.map(jnp.shape, d_params) == jax.tree.map(jnp.shape, v["params"])
-    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(jnp.shape, {
-        "batch_stats": v["batch_stats"]})
-    assert_finite(out=out, batch_stats=updates, d_params=d_params, d_tokens=d_tokens,
-                  eval_out=ev)
+    assert jax.tree.map(jnp.shape, updates) == jax.tree.map(
+      jnp.shape, {"batch_stats": v["batch_stats"]}
+    )
+    assert_finite(out=out, batch_stats=updates, d_params=d_params, d_tokens=d_tokens, eval_out=ev)
 
   check()
 
@@ -451,9 +494,13 @@ def test_head_permutation_invariant(name):
   @fuzz(3, salt=name)
   @given(case=CASES, shared=st.booleans(), **ROOTS)
   def check(case, shared, isqrt_normalization, isqrt_method):
-    head = MomentHead.from_preset(name, **SMALL, policy="float32",
-                                  isqrt_normalization=isqrt_normalization,
-                                  isqrt_method=isqrt_method)
+    head = MomentHead.from_preset(
+      name,
+      **SMALL,
+      policy="float32",
+      isqrt_normalization=isqrt_normalization,
+      isqrt_method=isqrt_method,
+    )
     x, graph, mask = make_inputs(case)
     shared = shared or (graph is not None and graph.ndim == 2)
     v = jax.jit(functools.partial(head.init, train=False))(jax.random.key(0), x, graph, mask)
@@ -461,10 +508,20 @@ def test_head_permutation_invariant(name):
     y1, f1 = fn(v, x, graph, mask)
     y2, f2 = fn(v, *permute(case, x, graph, mask, shared))
     assert_finite(y1=y1, y2=y2)
-    cfg = {k: getattr(head, k) for k in ("isqrt_iterations", "isqrt_normalization",
-                                        "isqrt_method", "use_third_order", "sketch_dim")}
+    cfg = {
+      k: getattr(head, k)
+      for k in (
+        "isqrt_iterations",
+        "isqrt_normalization",
+        "isqrt_method",
+        "use_third_order",
+        "sketch_dim",
+      )
+    }
     check_permuted_features(f1, f2, x, graph, mask, cfg)
     err, tol = np.abs(np.asarray(y1, np.float64) - y2), head_output_bound(v, f1, f2, head.mlp)
-    assert np.all(err <= tol), f"outputs differ by {err.max()} (bound {tol.ravel()[np.argmax(err)]})"
+    assert np.all(err <= tol), (
+      f"outputs differ by {err.max()} (bound {tol.ravel()[np.argmax(err)]})"
+    )
 
   check()

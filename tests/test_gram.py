@@ -2,22 +2,22 @@
 same numbers as the channel form and the float64 reference, the same
 gradients, no D x D x D product anywhere."""
 
-import functools
 import dataclasses
+import functools
 
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.extend import core as jex_core
-from jax.test_util import check_grads
-
 import reference as ref
 from helpers import head_grads, random_tokens
+from jax.extend import core as jex_core
+from jax.test_util import check_grads
+from test_ops import random_graph, random_mask, rel_err
+
 from moment_jax import MomentHead, grid_graph, ops
 from moment_jax.ops import sqrtm as sq
-from test_ops import random_graph, random_mask, rel_err
 
 B, N, D = 3, 9, 24  # fewer tokens than channels, as in ViT-B (196 < 768)
 G = grid_graph(3, 3)
@@ -28,14 +28,16 @@ tokens = functools.partial(random_tokens, shape=(B, N, D))
 
 def _token_root(x, mask, k, norm="trace", **kw):
   hc, n = ops.center(x, mask)
-  return ops.gram_sqrtm(ops.token_gram(hc, n, precision=kw.get("precision")), hc, n, 1e-5,
-                        k, normalization=norm, **kw)
+  return ops.gram_sqrtm(
+    ops.token_gram(hc, n, precision=kw.get("precision")), hc, n, 1e-5, k, normalization=norm, **kw
+  )
 
 
 @pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 10])
 def test_matches_the_polynomial(norm, k):
-  """Against the spec's iteration (docs/math.md section 3) on the D x D moment in float64. Float32 at the
+  """Against the spec's iteration (docs/math.md section 3) on the D x D moment in
+  float64. Float32 at the
   highest precision; 1e-5 for the Z-only loop (K <= 7): round-off of ~1e-7 per
   product grown over <= 27 products, the channel form's bound too. The coupled
   loop (K >= 8) carries two iterates whose round-off the Gram form amplifies
@@ -45,8 +47,7 @@ def test_matches_the_polynomial(norm, k):
   x = rng.normal(size=(B, N, D)) * np.array([1.0, 30.0, 0.03])[:, None, None]
   mask = random_mask(rng, B, N)
   want = ref.newton_schulz(ref.second_moment(x, mask), k, norm)
-  got = _token_root(jnp.asarray(x, jnp.float32), jnp.asarray(mask), k, norm,
-                   precision="highest")
+  got = _token_root(jnp.asarray(x, jnp.float32), jnp.asarray(mask), k, norm, precision="highest")
   assert got.shape == (B, D, D) and got.dtype == jnp.float32
   assert rel_err(got, want) < (1e-5 if k <= sq.Z_ONLY_MAX_ITERATIONS else 1e-4)
 
@@ -61,9 +62,14 @@ def test_features_match_channel_space_and_reference(graph, third):
   kw = dict(isqrt_iterations=5, use_third_order=third, sketch_dim=16, precision="highest")
   token = ops.moment_features(x, g, mask, isqrt_space="token", **kw)
   channel = ops.moment_features(x, g, mask, isqrt_space="channel", **kw)
-  want = ref.moment_features(np.asarray(x, np.float64), None if g is None else np.asarray(g),
-                             np.asarray(mask), isqrt_iterations=5, use_third_order=third,
-                             sketch_dim=16)
+  want = ref.moment_features(
+    np.asarray(x, np.float64),
+    None if g is None else np.asarray(g),
+    np.asarray(mask),
+    isqrt_iterations=5,
+    use_third_order=third,
+    sketch_dim=16,
+  )
   assert rel_err(token, want) < 1e-5 and rel_err(channel, want) < 1e-5
   chex.assert_trees_all_equal(token, ops.moment_features(x, g, mask, **kw))  # auto: token
 
@@ -73,8 +79,7 @@ def test_auto_takes_the_cheaper_space():
   assert ops.use_token_space(9, 24, 5)
   assert not ops.use_token_space(16, 12, 5)  # more tokens than channels
   assert not ops.use_token_space(64, 64, 3)
-  assert ops.use_token_space(64, 64, 3, "token") and not ops.use_token_space(9, 24, 3,
-                                                                              "channel")
+  assert ops.use_token_space(64, 64, 3, "token") and not ops.use_token_space(9, 24, 3, "channel")
 
 
 def _dots(jaxpr):
@@ -104,13 +109,15 @@ def test_no_channel_cubed_product(k):
   x = tokens()
   v = head.init(jax.random.key(0), x, G, train=False)
   jaxpr = jax.make_jaxpr(lambda p, t: head_grads(head, {**v, "params": p}, t, G, key=1))(
-      v["params"], x).jaxpr
+    v["params"], x
+  ).jaxpr
   shapes = list(_dots(jaxpr))
   assert shapes
   assert not [s for s in shapes if all(dims[-2:] == (D, D) for dims in s)], shapes
   channel = dataclasses.replace(head, isqrt_space="channel")
   jaxpr = jax.make_jaxpr(lambda p, t: head_grads(channel, {**v, "params": p}, t, G, key=1))(
-      v["params"], x).jaxpr
+    v["params"], x
+  ).jaxpr
   assert [s for s in _dots(jaxpr) if all(dims[-2:] == (D, D) for dims in s)]
 
 
@@ -124,15 +131,20 @@ def x64():
 # Each K with one normalisation (both normalisations share every product;
 # they differ only in the scale c): K=1 the closed form, K=2 no loop, K=5 the
 # peeled iteration and the Z-only loop, K=9 the coupled loop.
-@pytest.mark.parametrize("k,norm", [(1, "trace"), (2, "frobenius"), (5, "trace"),
-                                    (9, "frobenius")])
+@pytest.mark.parametrize("k,norm", [(1, "trace"), (2, "frobenius"), (5, "trace"), (9, "frobenius")])
 def test_grads_second_order(k, norm):
   """Order 2, forward and reverse, with respect to the tokens; K=9 runs the
   coupled loop. A masked token is in the input (its gradient is zero)."""
   x = jnp.asarray(np.random.default_rng(k).normal(size=(2, 4, 7)))
   mask = jnp.asarray([[True, True, True, False], [True] * 4])
-  check_grads(lambda t: _token_root(t, mask, k, norm, precision="highest"), (x,), order=2,
-              modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+  check_grads(
+    lambda t: _token_root(t, mask, k, norm, precision="highest"),
+    (x,),
+    order=2,
+    modes=["fwd", "rev"],
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.usefixtures("x64")
@@ -142,28 +154,45 @@ def test_grads_head():
   x = jnp.asarray(rng.normal(size=(3, 5, 8)))
   g = jnp.asarray(random_graph(rng, 3, 5, False), jnp.float64)
   mask = jnp.asarray(random_mask(rng, 3, 5))
-  head = MomentHead(d_out=3, isqrt_iterations=3, use_third_order=True, sketch_dim=8,
-                    dropout_rate=0.0, param_dtype=jnp.float64, dtype=jnp.float64,
-                    precision="highest", isqrt_space="token")
+  head = MomentHead(
+    d_out=3,
+    isqrt_iterations=3,
+    use_third_order=True,
+    sketch_dim=8,
+    dropout_rate=0.0,
+    param_dtype=jnp.float64,
+    dtype=jnp.float64,
+    precision="highest",
+    isqrt_space="token",
+  )
   v = head.init(jax.random.key(0), x, g, mask, train=False)
 
   def f(params, t):
-    return head.apply({"params": params, "batch_stats": v["batch_stats"]}, t, g, mask,
-                      train=True, mutable=["batch_stats"])[0]
+    return head.apply(
+      {"params": params, "batch_stats": v["batch_stats"]},
+      t,
+      g,
+      mask,
+      train=True,
+      mutable=["batch_stats"],
+    )[0]
 
   check_grads(f, (v["params"], x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
 
 
-@pytest.mark.parametrize("remat,chunk", [("isqrt", None), (None, 2), ("features", 2),
-                                         ("save_only_these_names:moment,sqrtm", None)])
+@pytest.mark.parametrize(
+  "remat,chunk",
+  [("isqrt", None), (None, 2), ("features", 2), ("save_only_these_names:moment,sqrtm", None)],
+)
 def test_remat_and_chunk(remat, chunk):
   base = MomentHead(d_out=8, isqrt_iterations=4, precision="highest")
   x = tokens(1)
   mask = jnp.ones((B, N), bool).at[0, -2:].set(False)
   v = base.init(jax.random.key(0), x, G, mask, train=False)
   ref_out, ref_g = head_grads(base, v, x, G, mask, key=1)
-  out, g = head_grads(dataclasses.replace(base, remat_policy=remat, isqrt_chunk=chunk), v, x,
-                      G, mask, key=1)
+  out, g = head_grads(
+    dataclasses.replace(base, remat_policy=remat, isqrt_chunk=chunk), v, x, G, mask, key=1
+  )
   # float32 round-off of a recomputed or batched program: 1e-5 of each tree's scale
   scale = lambda t: max(float(jnp.max(jnp.abs(l))) for l in jax.tree.leaves(t))
   chex.assert_trees_all_close(out, ref_out, rtol=1e-5, atol=1e-5 * scale(ref_out))
@@ -178,8 +207,9 @@ def test_bfloat16_policy_tracks_float32(scale):
   kw = dict(isqrt_iterations=3)
   f32 = ops.moment_features(x, G, isqrt_space="token", precision="highest", **kw)
   for space in ("token", "channel"):
-    bf = ops.moment_features(x, G, isqrt_space=space, moment_dtype=jnp.bfloat16,
-                             sqrt_dtype=jnp.bfloat16, **kw)
+    bf = ops.moment_features(
+      x, G, isqrt_space=space, moment_dtype=jnp.bfloat16, sqrt_dtype=jnp.bfloat16, **kw
+    )
     assert bf.dtype == jnp.bfloat16 and bool(jnp.all(jnp.isfinite(bf)))
     assert rel_err(bf, f32) < 3e-2, space
 
@@ -197,12 +227,21 @@ def test_degenerate_tokens_stay_finite():
   assert bool(jnp.all(jnp.isfinite(g)))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(isqrt_space="gram"), r"isqrt_space: expected one of auto, channel, token, "
-                               r"got 'gram'"),
-    (dict(isqrt_space="token", isqrt_method="eigh"), r"isqrt_space: 'token' runs the "
-                                                     r"Newton–Schulz iteration"),
-])
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (
+      dict(isqrt_space="gram"),
+      r"isqrt_space: expected one of auto, channel, token, "
+      r"got 'gram'",
+    ),
+    (
+      dict(isqrt_space="token", isqrt_method="eigh"),
+      r"isqrt_space: 'token' runs the "
+      r"Newton–Schulz iteration",
+    ),
+  ],
+)
 def test_bad_options(kwargs, match):
   with pytest.raises(ValueError, match=match):
     ops.moment_features(tokens(), **kwargs)

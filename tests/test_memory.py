@@ -4,8 +4,8 @@ Absolute GPU figures live in benchmarks/memory_gpu.py and docs/memory.md; here
 only what compiled analysis and residual listings fix exactly.
 """
 
-import functools
 import dataclasses
+import functools
 import operator
 
 import chex
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
 from helpers import head_grads, random_tokens
+
 from moment_jax import MomentHead, grid_graph, memory, ops, steps
 from moment_jax.linen import Projection
 from moment_jax.ops.sqrtm import Z_ONLY_MAX_ITERATIONS
@@ -33,15 +33,22 @@ def grads(head, v, x, mask=None):
   return head_grads(head, v, x, G, mask, key=1)
 
 
-REMATS = [None, "isqrt", "features", "save_only_these_names:moment,sqrtm", "dots_saveable",
-          "nothing_saveable"]
+REMATS = [
+  None,
+  "isqrt",
+  "features",
+  "save_only_these_names:moment,sqrtm",
+  "dots_saveable",
+  "nothing_saveable",
+]
 
 
 @pytest.mark.parametrize("chunk", [None, 2])
 @pytest.mark.parametrize("remat", REMATS)
 def test_remat_and_chunk_keep_outputs_and_grads(remat, chunk):
-  base = MomentHead(d_out=8, use_third_order=True, sketch_dim=8, isqrt_iterations=4,
-                    precision="highest")
+  base = MomentHead(
+    d_out=8, use_third_order=True, sketch_dim=8, isqrt_iterations=4, precision="highest"
+  )
   x = tokens()
   mask = jnp.ones((B, N), bool).at[0, -2:].set(False)
   v = base.init(jax.random.key(0), x, G, mask, train=False)
@@ -100,8 +107,10 @@ def test_residuals_at_full_size():
   """Optimized preset, B=4, N=196, D=768: what each policy keeps for the backward."""
   d2 = 4 * 768 * 768 * 4  # one D x D float32 matrix per sample
   feats = 4 * 295296 * 4
-  none, isqrt, features = (_head_residuals(True, remat_policy=p, isqrt_space="channel")
-                           for p in (None, "isqrt", "features"))
+  none, isqrt, features = (
+    _head_residuals(True, remat_policy=p, isqrt_space="channel")
+    for p in (None, "isqrt", "features")
+  )
   assert none > 10 * d2  # the whole loop's matrices
   assert isqrt < 2.5 * d2 < none  # the moment (and its centred tokens), not the loop
   assert features < feats + d2 / 2  # the features for dW, nothing of the pipeline
@@ -110,8 +119,9 @@ def test_residuals_at_full_size():
   # On the Gram matrix (the default here) no D x D matrix is kept at all:
   # the features, the tokens' N x D maps and a few N x N iterates.
   token = [_head_residuals(True, remat_policy=p) for p in (None, "isqrt", "features")]
-  assert token == [_head_residuals(True, remat_policy=p, isqrt_space="token")
-                   for p in (None, "isqrt", "features")]
+  assert token == [
+    _head_residuals(True, remat_policy=p, isqrt_space="token") for p in (None, "isqrt", "features")
+  ]
   assert token[0] < feats + 2.5 * d2 and token[0] < none / 4
   assert token[1] < feats + d2 / 2 and token[1] < isqrt / 2
   assert token[2] == features
@@ -121,8 +131,10 @@ def test_residuals_at_full_size():
 @pytest.mark.parametrize("space", ["channel", "token"])
 def test_isqrt_residuals_do_not_grow_with_iterations(space):
   shape = (2, 16, 32)
-  r = [_head_residuals(True, shape, remat_policy="isqrt", isqrt_iterations=k,
-                       isqrt_space=space) for k in (2, 5, 8)]
+  r = [
+    _head_residuals(True, shape, remat_policy="isqrt", isqrt_iterations=k, isqrt_space=space)
+    for k in (2, 5, 8)
+  ]
   assert len(set(r)) == 1
   r = [_head_residuals(True, shape, isqrt_iterations=k, isqrt_space=space) for k in (2, 5, 8)]
   assert r[0] < r[1] < r[2]
@@ -156,8 +168,7 @@ def test_compiled_memory_and_bill():
   assert 2 * p <= bill.opt_state <= 2 * p + 64  # AdamW: mu, nu and a step count
   assert bill.inputs == 2 * 4 * N * D * 4
   assert bill.total == sum(dataclasses.asdict(bill).values())
-  cm = memory.compiled_memory(lambda a: jnp.sin(a) @ a, jax.ShapeDtypeStruct((64, 64),
-                                                                             jnp.float32))
+  cm = memory.compiled_memory(lambda a: jnp.sin(a) @ a, jax.ShapeDtypeStruct((64, 64), jnp.float32))
   assert cm.argument == cm.output == 64 * 64 * 4
 
 
@@ -189,13 +200,39 @@ def test_device_peak_needs_a_gpu():
 
 def test_memory_cli_small(tmp_path, capsys):
   from moment_jax import cli
+
   path = tmp_path / "m.json"
-  assert cli.main(["memory", "--dim", "8", "--tokens", "16", "--batch", "2", "--preset",
-                   "memory", "--remat", "none", "features", "--policy", "float32",
-                   "bfloat16", "--chunk", "none", "1", "--json", str(path)]) == 0
+  assert (
+    cli.main(
+      [
+        "memory",
+        "--dim",
+        "8",
+        "--tokens",
+        "16",
+        "--batch",
+        "2",
+        "--preset",
+        "memory",
+        "--remat",
+        "none",
+        "features",
+        "--policy",
+        "float32",
+        "bfloat16",
+        "--chunk",
+        "none",
+        "1",
+        "--json",
+        str(path),
+      ]
+    )
+    == 0
+  )
   out = capsys.readouterr().out
   assert "tokens WITHOUT gradient" in out and "tokens WITH gradient" in out
   import json
+
   rows = json.loads(path.read_text())["rows"]
   assert len(rows) == 2 * 2 * 2 * 2
   assert all(r["bill_mb"] > r["params_mb"] for r in rows)

@@ -1,17 +1,18 @@
 """MomentHead (flax.nnx) against the Linen head: same weights, same numbers."""
 
 import functools
+
 import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from helpers import random_tokens
 
 from moment_jax import PRESET_NAMES, grid_graph
 from moment_jax.linen import MomentHead as LinenHead
 from moment_jax.nnx import MomentHead, linen_to_nnx, nnx_to_linen
-from helpers import random_tokens
 
 B, N, D = 4, 9, 8
 SMALL = dict(sketch_dim=16, d_out=8)  # small sketches keep the sweep fast
@@ -39,9 +40,15 @@ def pair(name, policy, **kw):
   variables = linen.init(jax.random.key(1), tokens(), train=False)
   # Non-trivial running statistics, so eval mode tests them too.
   rng = np.random.default_rng(2)
-  variables = {"params": variables["params"], "batch_stats": {"norm": {
-      "mean": jnp.asarray(rng.normal(size=8), jnp.float32),
-      "var": jnp.asarray(rng.uniform(0.5, 2, size=8), jnp.float32)}}}
+  variables = {
+    "params": variables["params"],
+    "batch_stats": {
+      "norm": {
+        "mean": jnp.asarray(rng.normal(size=8), jnp.float32),
+        "var": jnp.asarray(rng.uniform(0.5, 2, size=8), jnp.float32),
+      }
+    },
+  }
   return linen_to_nnx(variables, model), linen, variables
 
 
@@ -63,26 +70,36 @@ def test_same_numbers_as_linen(name, policy):
   want, upd = linen.apply(variables, x, g, mask, train=True, mutable=["batch_stats"])
   got = model(x, g, mask)
   chex.assert_trees_all_close(got, want, **TOL[policy])
-  chex.assert_trees_all_close(nnx_to_linen(model)["batch_stats"], upd["batch_stats"],
-                              **STATS_TOL[policy])
+  chex.assert_trees_all_close(
+    nnx_to_linen(model)["batch_stats"], upd["batch_stats"], **STATS_TOL[policy]
+  )
   # The running statistics moved: the comparison above is not of two copies
   # of the starting values.
-  assert not np.allclose(upd["batch_stats"]["norm"]["mean"],
-                         variables["batch_stats"]["norm"]["mean"])
+  assert not np.allclose(
+    upd["batch_stats"]["norm"]["mean"], variables["batch_stats"]["norm"]["mean"]
+  )
 
 
-@pytest.mark.parametrize("extra", [dict(d_reduce=5), dict(isqrt_chunk=3, remat_policy="features"),
-                                   dict(remat_policy="isqrt", mlp="double")])
+@pytest.mark.parametrize(
+  "extra",
+  [
+    dict(d_reduce=5),
+    dict(isqrt_chunk=3, remat_policy="features"),
+    dict(remat_policy="isqrt", mlp="double"),
+  ],
+)
 def test_same_numbers_variants_under_jit(extra):
   """The reduce layer, the fused chunked projection and remat, jitted both sides."""
   model, linen, variables = pair("optimized", "float32", dropout_rate=0.0, **extra)
   x = tokens(4)
   want, upd = jax.jit(lambda v, x: linen.apply(v, x, train=True, mutable=["batch_stats"]))(
-      variables, x)
+    variables, x
+  )
   got = nnx.jit(lambda m, x: m(x))(model, x)
   chex.assert_trees_all_close(got, want, **TOL["float32"])
-  chex.assert_trees_all_close(nnx_to_linen(model)["batch_stats"], upd["batch_stats"],
-                              **STATS_TOL["float32"])
+  chex.assert_trees_all_close(
+    nnx_to_linen(model)["batch_stats"], upd["batch_stats"], **STATS_TOL["float32"]
+  )
 
 
 def test_same_gradients_as_linen():
@@ -90,9 +107,14 @@ def test_same_gradients_as_linen():
   x, g = tokens(5), grid_graph(3, 3)
 
   def linen_loss(params):
-    out, _ = linen.apply({"params": params, "batch_stats": variables["batch_stats"]},
-                         x, g, train=True, mutable=["batch_stats"])
-    return jnp.mean(out ** 2)
+    out, _ = linen.apply(
+      {"params": params, "batch_stats": variables["batch_stats"]},
+      x,
+      g,
+      train=True,
+      mutable=["batch_stats"],
+    )
+    return jnp.mean(out**2)
 
   want = jax.grad(linen_loss)(variables["params"])
   got = nnx.grad(lambda m: jnp.mean(m(x, g) ** 2))(model)
@@ -109,8 +131,9 @@ def test_round_trip_and_submodule_names():
   chex.assert_shape(variables["params"]["proj"]["kernel"], (6 * 7 // 2 + 16, 8))
   model.eval()
   x = tokens(6)
-  chex.assert_trees_all_close(model(x), LinenHead.from_config(model.config).apply(variables, x, train=False),
-                              **TOL["float32"])
+  chex.assert_trees_all_close(
+    model(x), LinenHead.from_config(model.config).apply(variables, x, train=False), **TOL["float32"]
+  )
   other = MomentHead.from_preset("original", D, rngs=nnx.Rngs(4), d_reduce=6, **SMALL)
   linen_to_nnx(variables, other)
   chex.assert_trees_all_equal(nnx_to_linen(other), variables)
@@ -139,11 +162,12 @@ def test_eval_mode_uses_running_statistics():
   chex.assert_trees_all_equal(nnx_to_linen(model)["batch_stats"], before)
   model.train()
   model(tokens(8))
-  assert not np.allclose(nnx_to_linen(model)["batch_stats"]["norm"]["var"],
-                         before["norm"]["var"])
+  assert not np.allclose(nnx_to_linen(model)["batch_stats"]["norm"]["var"], before["norm"]["var"])
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     (dict(d_out=0), "d_out"),
     (dict(mlp="triple"), "mlp"),
     (dict(isqrt_iterations=0), "isqrt_iterations"),
@@ -153,7 +177,8 @@ def test_eval_mode_uses_running_statistics():
     (dict(remat_policy="nope"), "remat_policy"),
     (dict(isqrt_chunk=0), "isqrt_chunk"),
     (dict(d_reduce=0), "d_reduce"),
-])
+  ],
+)
 def test_bad_config_raises(kwargs, match):
   with pytest.raises(ValueError, match=match):
     MomentHead(D, rngs=nnx.Rngs(0), **kwargs)

@@ -15,14 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from jax.experimental import checkify
 from jax.test_util import check_grads
+from test_ops import random_graph, random_mask, rel_err, spd
 
-import reference as ref
 from moment_jax import MomentHead, grid_graph, ops
 from moment_jax.ops import sqrtm as sq
 from moment_jax.precision import get_policy
-from test_ops import random_graph, random_mask, rel_err, spd
 
 
 @pytest.fixture
@@ -39,6 +39,7 @@ def gaussian_moment(b=2, n=16, d=48, seed=0):
 
 # -- normalisation and method ----------------------------------------------------
 
+
 @pytest.mark.parametrize("norm", sq.NORMALIZATIONS)
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 7, 8, 10])
 def test_newton_schulz_matches_polynomial(norm, k):
@@ -53,8 +54,9 @@ def test_frobenius_is_closer_at_few_iterations():
   exact = ref.sqrtm_eigh(m)
   for k in (3, 5):
     trace = rel_err(ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k), exact)
-    frob = rel_err(ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k,
-                                           normalization="frobenius"), exact)
+    frob = rel_err(
+      ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k, normalization="frobenius"), exact
+    )
     assert frob < 0.6 * trace, (k, frob, trace)
 
 
@@ -86,8 +88,9 @@ def test_many_iterations_converge_with_the_coupled_loop():
   m = gaussian_moment(d=32)
   k = 20
   s = ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k)
-  np.testing.assert_array_equal(s, ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k,
-                                                           coupled=True))
+  np.testing.assert_array_equal(
+    s, ops.sqrtm_newton_schulz(jnp.asarray(m, jnp.float32), k, coupled=True)
+  )
   assert rel_err(s, ref.sqrtm_eigh(m)) < 1e-3
   assert rel_err(s, ref.newton_schulz(m, k)) < 1e-3
 
@@ -107,12 +110,18 @@ def test_head_options(method, norm):
   np.testing.assert_allclose(out, y, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(isqrt_normalization="spectral"), r"isqrt_normalization: expected one of trace, "
-                                           r"frobenius, got 'spectral'"),
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
+    (
+      dict(isqrt_normalization="spectral"),
+      r"isqrt_normalization: expected one of trace, "
+      r"frobenius, got 'spectral'",
+    ),
     (dict(isqrt_method="svd"), r"isqrt_method: expected one of newton_schulz, eigh, got 'svd'"),
     (dict(check_values="always"), r"check_values: expected a bool, 'callback' or 'checkify'"),
-])
+  ],
+)
 def test_bad_options(kwargs, match):
   x = jnp.ones((2, 4, 3))
   with pytest.raises(ValueError, match=match):
@@ -124,10 +133,14 @@ def test_bad_options(kwargs, match):
 
 # -- stability limits --------------------------------------------------------------
 
+
 def test_bfloat16_divergence_is_refused():
   m = jnp.asarray(spd(np.random.default_rng(4), 1, 8))
-  with pytest.raises(ValueError, match=r"isqrt_iterations: 12 Newton–Schulz iterations "
-                                       r"diverge with bfloat16 operands"):
+  with pytest.raises(
+    ValueError,
+    match=r"isqrt_iterations: 12 Newton–Schulz iterations "
+    r"diverge with bfloat16 operands",
+  ):
     ops.sqrtm_newton_schulz(m, 12, dtype=jnp.bfloat16)
   head = MomentHead(d_out=2, policy="bfloat16", isqrt_iterations=12)
   with pytest.raises(ValueError, match=r"isqrt_iterations: 12 .*'bfloat16-sqrt32'"):
@@ -136,11 +149,14 @@ def test_bfloat16_divergence_is_refused():
   # precision, i.e. TF32 on GPU, with a warning)
   with pytest.warns(UserWarning, match=r"isqrt_iterations=12: .* TF32"):
     MomentHead(d_out=2, policy="bfloat16-sqrt32", isqrt_iterations=12).init(
-        jax.random.key(0), jnp.ones((2, 4, 3)), train=False)
+      jax.random.key(0), jnp.ones((2, 4, 3)), train=False
+    )
 
 
-@pytest.mark.parametrize("dtype,precision,k", [
-    (jnp.bfloat16, None, 8), (jnp.float32, "default", 12), (jnp.float32, "highest", 25)])
+@pytest.mark.parametrize(
+  "dtype,precision,k",
+  [(jnp.bfloat16, None, 8), (jnp.float32, "default", 12), (jnp.float32, "highest", 25)],
+)
 def test_growing_error_warns(dtype, precision, k):
   m = jnp.asarray(spd(np.random.default_rng(5), 1, 8))
   with pytest.warns(UserWarning, match=rf"isqrt_iterations={k}: .* grows again from K={k}"):
@@ -157,6 +173,7 @@ def test_float16_moment_is_refused():
 
 # -- gradients of the whole head (float64) -----------------------------------------
 
+
 @pytest.mark.usefixtures("x64")
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5])
 def test_grads_head(k):
@@ -166,25 +183,40 @@ def test_grads_head(k):
   b, n, d = 3, 6, 4
   x = jnp.asarray(rng.normal(size=(b, n, d)))
   for graph in (None, "shared", "batched"):
-    g = None if graph is None else jnp.asarray(random_graph(rng, b, n, graph == "shared"),
-                                               jnp.float64)
+    g = (
+      None
+      if graph is None
+      else jnp.asarray(random_graph(rng, b, n, graph == "shared"), jnp.float64)
+    )
     for masked in (False, True):
       mask = jnp.asarray(random_mask(rng, b, n)) if masked else None
       for third in (False, True):
-        head = MomentHead(d_out=3, isqrt_iterations=k, use_third_order=third, sketch_dim=8,
-                          dropout_rate=0.0, param_dtype=jnp.float64, dtype=jnp.float64,
-                          precision="highest")
+        head = MomentHead(
+          d_out=3,
+          isqrt_iterations=k,
+          use_third_order=third,
+          sketch_dim=8,
+          dropout_rate=0.0,
+          param_dtype=jnp.float64,
+          dtype=jnp.float64,
+          precision="highest",
+        )
         v = head.init(jax.random.key(k), x, g, mask, train=False)
 
         def f(params, t):
-          out, _ = head.apply({"params": params, "batch_stats": v["batch_stats"]}, t, g,
-                              mask, train=True, mutable=["batch_stats"])
+          out, _ = head.apply(
+            {"params": params, "batch_stats": v["batch_stats"]},
+            t,
+            g,
+            mask,
+            train=True,
+            mutable=["batch_stats"],
+          )
           return out
 
         assert f(v["params"], x).dtype == jnp.float64
         # 1e-6 difference step: see test_ops.test_grads_moment_features
-        check_grads(f, (v["params"], x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5,
-                    eps=1e-6)
+        check_grads(f, (v["params"], x), order=1, modes=["rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
 
 
 @pytest.mark.usefixtures("x64")
@@ -193,8 +225,14 @@ def test_grads_head(k):
 def test_grads_newton_schulz_second_order(norm, k):
   """Order 2, both modes; K=9 runs the coupled loop."""
   m = jnp.asarray(spd(np.random.default_rng(6), 2, 5), jnp.float64)
-  check_grads(lambda a: ops.sqrtm_newton_schulz(a, k, normalization=norm), (m,), order=2,
-              modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
+  check_grads(
+    lambda a: ops.sqrtm_newton_schulz(a, k, normalization=norm),
+    (m,),
+    order=2,
+    modes=["fwd", "rev"],
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.usefixtures("x64")
@@ -205,16 +243,15 @@ def test_grads_eigh_root_with_repeated_eigenvalues():
   checked on distinct eigenvalues only."""
   x = np.random.default_rng(7).normal(size=(2, 3, 6))
   m = jnp.asarray(ref.second_moment(x, eps=1e-2))
-  check_grads(ops.sqrtm_eigh, (m,), order=1, modes=["fwd", "rev"], atol=1e-5,
-              rtol=1e-5, eps=1e-6)
+  check_grads(ops.sqrtm_eigh, (m,), order=1, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5, eps=1e-6)
   distinct = jnp.asarray(spd(np.random.default_rng(7), 2, 5), jnp.float64)
-  check_grads(ops.sqrtm_eigh, (distinct,), order=2, modes=["fwd", "rev"], atol=1e-5,
-              rtol=1e-5)
+  check_grads(ops.sqrtm_eigh, (distinct,), order=2, modes=["fwd", "rev"], atol=1e-5, rtol=1e-5)
   g = jax.grad(lambda t: ops.moment_features(t, isqrt_method="eigh").sum())(jnp.asarray(x))
   chex.assert_tree_all_finite(g)
 
 
 # -- opt-in runtime checks ---------------------------------------------------------
+
 
 def _overflowing_trace(n=8, d=48):
   """Tokens whose moment is finite in float32 but whose trace (a sum of 48
@@ -228,8 +265,7 @@ def test_checks_off_add_nothing():
   x = jnp.ones((2, 9, 3))
   head = MomentHead(d_out=2)
   v = head.init(jax.random.key(0), x, train=False)
-  text = lambda h: str(jax.make_jaxpr(lambda t: h.apply(v, t, grid_graph(3, 3),
-                                                        train=False))(x))
+  text = lambda h: str(jax.make_jaxpr(lambda t: h.apply(v, t, grid_graph(3, 3), train=False))(x))
   assert text(head) == text(head.clone(check_values=False))
   assert "callback" not in text(head) and "check" not in text(head)
   assert "callback" in text(head.clone(check_values=True))
@@ -267,9 +303,9 @@ def test_checkify_mode():
   assert err.get().startswith("moment: ")  # token space (auto): the Gram overflows
   channel = head.clone(isqrt_space="channel")
   err, _ = jax.jit(checkify.checkify(lambda t: channel.apply(v, t, train=False)))(
-      _overflowing_trace(n=9))
+    _overflowing_trace(n=9)
+  )
   assert err.get().startswith("sqrtm: ")
   # works under vmap and grad as checkify does
-  err, g = jax.jit(checkify.checkify(jax.grad(
-      lambda t: head.apply(v, t, train=False).sum())))(x)
+  err, g = jax.jit(checkify.checkify(jax.grad(lambda t: head.apply(v, t, train=False).sum())))(x)
   assert err.get() is None and g.shape == x.shape

@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import reference as ref
 from absl.testing import parameterized
 from jax.test_util import check_grads
 
-import reference as ref
 from moment_jax import ops
 
 
@@ -48,6 +48,7 @@ def spd(rng, b, d, cond=10.0):
 
 
 # -- graph -------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("shared", [True, False])
 @pytest.mark.parametrize("masked", [False, True])
@@ -87,6 +88,7 @@ def test_grid_graph_bad_connectivity():
 
 # -- moment ------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("masked", [False, True])
 def test_second_moment(masked):
   rng = np.random.default_rng(2)
@@ -116,6 +118,7 @@ def test_padding_changes_nothing():
 
 # -- Newton–Schulz -------------------------------------------------------------
 
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 5, 6])
 def test_newton_schulz_matches_polynomial(k):
   m = spd(np.random.default_rng(k), 3, 12, cond=100.0)
@@ -135,7 +138,7 @@ def test_newton_schulz_converges_to_eigh_root():
 
 def _subjaxprs(eqn):
   for v in eqn.params.values():
-    for x in (v if isinstance(v, (tuple, list)) else (v,)):
+    for x in v if isinstance(v, (tuple, list)) else (v,):
       if hasattr(x, "eqns"):
         yield x
       elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
@@ -166,8 +169,7 @@ def _products(jaxpr, dim, loop_trips):
 @pytest.mark.parametrize("k", [1, 2, 3, 5, 8])
 def test_newton_schulz_product_count_and_loop(k):
   d = 8
-  jaxpr = jax.make_jaxpr(functools.partial(ops.sqrtm_newton_schulz, iterations=k))(
-      jnp.eye(d)[None])
+  jaxpr = jax.make_jaxpr(functools.partial(ops.sqrtm_newton_schulz, iterations=k))(jnp.eye(d)[None])
   outside, inside, loops = _products(jaxpr.jaxpr, d, k - 2)
   if k == 1:
     assert (outside, loops) == (1, 0)
@@ -187,6 +189,7 @@ def test_newton_schulz_rejects_bad_iterations():
 
 # -- triangle ----------------------------------------------------------------
 
+
 def test_triu_vector_order():
   s = jnp.arange(2 * 5 * 5, dtype=jnp.float32).reshape(2, 5, 5)
   np.testing.assert_array_equal(ops.triu_vector(s), ref.triu_vector(np.asarray(s)))
@@ -201,6 +204,7 @@ def test_triu_indices_are_a_host_constant():
 
 
 # -- sketch ------------------------------------------------------------------
+
 
 def test_sketch_hashes_are_specs_draws():
   h, s = ops.sketch_hashes(10, 7, seed=3)
@@ -217,18 +221,22 @@ def test_tensor_sketch_moment(masked, sketch_dim):
   x = rng.normal(size=(3, 10, 6)).astype(np.float32)
   mask = random_mask(rng, 3, 10) if masked else None
   hc, _ = ref.center(x, mask)
-  out = ops.tensor_sketch_moment(jnp.asarray(hc, jnp.float32), sketch_dim, seed=5,
-                                 mask=None if mask is None else jnp.asarray(mask))
+  out = ops.tensor_sketch_moment(
+    jnp.asarray(hc, jnp.float32),
+    sketch_dim,
+    seed=5,
+    mask=None if mask is None else jnp.asarray(mask),
+  )
   assert out.shape == (3, sketch_dim)
   # |m3| ~ 1 here: power normalisation is well conditioned, FFT round-off ~1e-6
-  np.testing.assert_allclose(out, ref.tensor_sketch(hc, sketch_dim, 5, mask), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(out, ref.tensor_sketch(hc, sketch_dim, 5, mask), rtol=1e-4, atol=1e-5)
 
 
 # -- the pipeline --------------------------------------------------------------
 
-COMBOS = [(g, m, t) for g in (None, "shared", "batched") for m in (False, True)
-          for t in (False, True)]
+COMBOS = [
+  (g, m, t) for g in (None, "shared", "batched") for m in (False, True) for t in (False, True)
+]
 
 
 @pytest.mark.parametrize("graph,masked,third", COMBOS)
@@ -248,15 +256,17 @@ def test_moment_features_matches_float64(graph, masked, third):
 
 
 class JitTest(chex.TestCase):
-
   @chex.variants(with_jit=True, without_jit=True)
   @parameterized.parameters(False, True)
   def test_jit_and_eager_agree(self, third):
     rng = np.random.default_rng(6)
     x = rng.normal(size=(2, 9, 5)).astype(np.float32)
     g = ops.grid_graph(3, 3)
-    fn = self.variant(functools.partial(ops.moment_features, isqrt_iterations=3,
-                                        use_third_order=third, sketch_dim=8))
+    fn = self.variant(
+      functools.partial(
+        ops.moment_features, isqrt_iterations=3, use_third_order=third, sketch_dim=8
+      )
+    )
     out = fn(x, g)
     r = ref.moment_features(x, g, isqrt_iterations=3, use_third_order=third, sketch_dim=8)
     chex.assert_shape(out, r.shape)
@@ -267,11 +277,11 @@ class JitTest(chex.TestCase):
 def test_vmap_over_a_leading_axis():
   x = np.random.default_rng(8).normal(size=(3, 2, 9, 5)).astype(np.float32)
   f = functools.partial(ops.moment_features, isqrt_iterations=2)
-  np.testing.assert_allclose(jax.vmap(f)(x), np.stack([f(xi) for xi in x]), rtol=1e-5,
-                             atol=1e-6)
+  np.testing.assert_allclose(jax.vmap(f)(x), np.stack([f(xi) for xi in x]), rtol=1e-5, atol=1e-6)
 
 
 # -- gradients (float64, finite differences) -----------------------------------
+
 
 @pytest.fixture
 def x64():
@@ -283,8 +293,14 @@ def x64():
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_grads_newton_schulz(k):
   m = jnp.asarray(spd(np.random.default_rng(9), 2, 5), jnp.float64)
-  check_grads(lambda a: ops.sqrtm_newton_schulz(a, k), (m,), order=1, modes=["fwd", "rev"],
-              atol=1e-6, rtol=1e-6)
+  check_grads(
+    lambda a: ops.sqrtm_newton_schulz(a, k),
+    (m,),
+    order=1,
+    modes=["fwd", "rev"],
+    atol=1e-6,
+    rtol=1e-6,
+  )
 
 
 @pytest.mark.usefixtures("x64")
@@ -307,8 +323,9 @@ def test_grads_moment_features(k):
   x = jnp.asarray(rng.normal(size=(2, 6, 4)))
   g = jnp.asarray(random_graph(rng, 2, 6, True), jnp.float64)
   mask = jnp.asarray(random_mask(rng, 2, 6))
-  f = lambda t: ops.moment_features(t, g, mask, isqrt_iterations=k, use_third_order=True,
-                                    sketch_dim=8)
+  f = lambda t: ops.moment_features(
+    t, g, mask, isqrt_iterations=k, use_third_order=True, sketch_dim=8
+  )
   assert f(x).dtype == jnp.float64
   # The cube root's curvature makes the default 1e-4 difference step too
   # coarse (its O(step^2) error is ~1e-5); 1e-6 is safe in float64.

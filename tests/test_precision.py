@@ -10,20 +10,25 @@ from moment_jax import NAMED_POLICIES, MomentHead, Policy, get_policy, parse_pol
 
 def test_parse_full_and_defaults():
   p = parse_policy("params=float32,compute=bfloat16,output=float32")
-  assert p == Policy(jnp.float32, jnp.bfloat16, jnp.float32, jnp.float32,
-                     jax.lax.Precision.DEFAULT)
+  assert p == Policy(jnp.float32, jnp.bfloat16, jnp.float32, jnp.float32, jax.lax.Precision.DEFAULT)
   p = parse_policy("params=bfloat16, moment=float32, matmul=highest")
   assert p.param_dtype == jnp.bfloat16 and p.compute_dtype == jnp.float32
   assert p.matmul == jax.lax.Precision.HIGHEST
   assert parse_policy("output=float32").matmul == jax.lax.Precision.HIGHEST
 
 
-@pytest.mark.parametrize("spec,match", [
-    ("param=float32", r"unknown key 'param'.*valid keys are params, compute, output, moment, matmul"),
+@pytest.mark.parametrize(
+  "spec,match",
+  [
+    (
+      "param=float32",
+      r"unknown key 'param'.*valid keys are params, compute, output, moment, matmul",
+    ),
     ("compute=int8", r"compute='int8' is not a floating dtype"),
     ("compute=float32,compute=bfloat16", r"given twice"),
     ("matmul=fast", r"matmul='fast' is unknown; valid values are default, tf32, high, highest"),
-])
+  ],
+)
 def test_parse_errors(spec, match):
   with pytest.raises(ValueError, match=match):
     parse_policy(spec)

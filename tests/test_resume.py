@@ -13,9 +13,27 @@ import numpy as np
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "examples" / "digits.py"
 # A tiny model and run: the test measures resumption, not learning.
-TINY = ["--head", "moment", "--steps", "40", "--save-every", "10", "--eval-every", "10",
-        "--width", "8", "--depth", "1", "--d-out", "8", "--batch-size", "32",
-        "--no-progress", "--out", ""]
+TINY = [
+  "--head",
+  "moment",
+  "--steps",
+  "40",
+  "--save-every",
+  "10",
+  "--eval-every",
+  "10",
+  "--width",
+  "8",
+  "--depth",
+  "1",
+  "--d-out",
+  "8",
+  "--batch-size",
+  "32",
+  "--no-progress",
+  "--out",
+  "",
+]
 KILL_AT = "checkpoint: saving step 30"  # SIGKILL while step 30 is being written
 TIMEOUT = 120
 
@@ -24,9 +42,13 @@ def env(cache=None):
   """The runs' environment: one CPU device, unbuffered output and a shared
   compilation cache (the second and third runs load the first's executables
   instead of compiling: ~4 s each; the same program, so the same numbers)."""
-  e = dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu",
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
-           JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  e = dict(
+    os.environ,
+    PYTHONUNBUFFERED="1",
+    JAX_PLATFORMS="cpu",
+    JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+  )
   if cache is not None:
     e["JAX_COMPILATION_CACHE_DIR"] = str(cache)
   e.pop("XLA_FLAGS", None)
@@ -34,8 +56,14 @@ def env(cache=None):
 
 
 def run(args, cache):
-  proc = subprocess.run([sys.executable, str(SCRIPT), *TINY, *args], capture_output=True,
-                        text=True, timeout=TIMEOUT, env=env(cache), cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), *TINY, *args],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=env(cache),
+    cwd=ROOT,
+  )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc.stdout
 
@@ -53,8 +81,14 @@ def run_and_kill(args, steps_dir, cache):
   within 5 s the process is killed anyway. Returns stdout and whether a
   temporary directory was seen.
   """
-  proc = subprocess.Popen([sys.executable, str(SCRIPT), *TINY, *args], stdout=subprocess.PIPE,
-                          stderr=subprocess.DEVNULL, text=True, env=env(cache), cwd=ROOT)
+  proc = subprocess.Popen(
+    [sys.executable, str(SCRIPT), *TINY, *args],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.DEVNULL,
+    text=True,
+    env=env(cache),
+    cwd=ROOT,
+  )
   lines, seen = [], False
   try:
     for line in proc.stdout:
@@ -102,8 +136,10 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   if any(".orbax-checkpoint-tmp" in name for name in left):
     assert resumed == ["checkpoint: resumed from step 20"], (left, out)
   else:
-    assert resumed in (["checkpoint: resumed from step 20"],
-                       ["checkpoint: resumed from step 30"]), out
+    assert resumed in (
+      ["checkpoint: resumed from step 20"],
+      ["checkpoint: resumed from step 30"],
+    ), out
 
   want, got = load(reference), load(final)
   assert sorted(got) == sorted(want) and any("proj/kernel" in k for k in want)
@@ -113,22 +149,31 @@ def test_killed_and_resumed_run_is_bit_identical(tmp_path):
   # Nothing half-written remains: only finalized, restorable step directories.
   names = sorted(p.name for p in steps_dir.iterdir())
   assert names == ["20", "30", "40"], names  # max_to_keep=3, no tmp directories
-  with ocp.CheckpointManager(steps_dir, options=ocp.CheckpointManagerOptions(
-      read_only=True)) as mngr:
+  with ocp.CheckpointManager(
+    steps_dir, options=ocp.CheckpointManagerOptions(read_only=True)
+  ) as mngr:
     assert mngr.all_steps() == [20, 30, 40]
     for step in mngr.all_steps():
       assert ocp.utils.is_checkpoint_finalized(steps_dir / str(step))
-      restored = mngr.restore(step, args=ocp.args.Composite(
-          state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()))
+      restored = mngr.restore(
+        step,
+        args=ocp.args.Composite(state=ocp.args.StandardRestore(), history=ocp.args.JsonRestore()),
+      )
       assert int(restored["state"]["step"]) == step
       assert restored["history"]["step"][-1] == step
     last = restored["state"]
   np.testing.assert_array_equal(
-      np.asarray(last["params"]["moment"]["proj"]["kernel"]),
-      want["moment/params/moment/proj/kernel"])
+    np.asarray(last["params"]["moment"]["proj"]["kernel"]), want["moment/params/moment/proj/kernel"]
+  )
 
 
 def test_bad_flags_fail_cleanly():
-  proc = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0"], capture_output=True,
-                        text=True, timeout=TIMEOUT, env=env(), cwd=ROOT)
+  proc = subprocess.run(
+    [sys.executable, str(SCRIPT), "--steps", "0"],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+    env=env(),
+    cwd=ROOT,
+  )
   assert proc.returncode == 2 and "--steps" in proc.stderr

@@ -29,7 +29,8 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import reference as ref  # noqa: E402
-from moment_jax import MomentHead, PRESET_NAMES, grid_graph, moment_features  # noqa: E402
+
+from moment_jax import PRESET_NAMES, MomentHead, grid_graph, moment_features  # noqa: E402
 from moment_jax.convert import torch_to_flax  # noqa: E402
 from moment_jax.torch_reference import MomentHead as TorchHead  # noqa: E402
 
@@ -58,7 +59,7 @@ def inputs(b, side, d, seed=0):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(b, n, d)).astype(np.float32)
   mask = np.ones((b, n), bool)
-  mask[1, -(n // 3):] = False
+  mask[1, -(n // 3) :] = False
   return x, grid_graph(side, side), mask
 
 
@@ -76,7 +77,7 @@ def randomize(th, x, graph=None, mask=None, seed=0):
     uni = lambda: torch.rand(y.shape[1:], generator=gen)
     bn = th.mlp[1]
     bn.running_mean.copy_(mean + 0.5 * std * rnd())
-    bn.running_var.copy_(std ** 2 * (0.5 + 1.5 * uni()))
+    bn.running_var.copy_(std**2 * (0.5 + 1.5 * uni()))
     bn.weight.copy_(0.5 + uni())
     bn.bias.copy_(0.3 * rnd())
   return th
@@ -161,8 +162,9 @@ def test_sparse_sketch_is_float32_noise():
   th = TorchHead(d, use_third_order=True, sketch_dim=sketch)
   with torch.no_grad():
     f_torch = th.features(t(x), t(g), t(m)).numpy()
-  f_jax = moment_features(jnp.asarray(x), g, m, use_third_order=True, sketch_dim=sketch,
-                          precision="highest")
+  f_jax = moment_features(
+    jnp.asarray(x), g, m, use_third_order=True, sketch_dim=sketch, precision="highest"
+  )
   f64 = ref.moment_features(x, g, m, use_third_order=True, sketch_dim=sketch)
   tri = d * (d + 1) // 2
   assert rel(f_jax[:, :tri], f64[:, :tri]) < 1e-6
@@ -177,22 +179,39 @@ def train_step_torch(th, x, graph, mask, cot):
   xt = torch.tensor(x, requires_grad=True)
   out = th(xt, t(graph), t(mask))
   (out * torch.as_tensor(cot)).sum().backward()
-  return (out.detach().numpy(), xt.grad.numpy(), th.mlp[0].weight.grad.numpy().T,
-          th.mlp[1].running_mean.numpy(), th.mlp[1].running_var.numpy())
+  return (
+    out.detach().numpy(),
+    xt.grad.numpy(),
+    th.mlp[0].weight.grad.numpy().T,
+    th.mlp[1].running_mean.numpy(),
+    th.mlp[1].running_var.numpy(),
+  )
 
 
 def train_step_jax(head, v, x, graph, mask, cot):
   def loss(params, x):
-    out, upd = head.apply({"params": params, "batch_stats": v["batch_stats"]}, x, graph, mask,
-                          train=True, rngs={"dropout": jax.random.key(0)},
-                          mutable=["batch_stats"])
+    out, upd = head.apply(
+      {"params": params, "batch_stats": v["batch_stats"]},
+      x,
+      graph,
+      mask,
+      train=True,
+      rngs={"dropout": jax.random.key(0)},
+      mutable=["batch_stats"],
+    )
     return jnp.sum(out * cot), (out, upd)
 
   (g_params, g_x), (out, upd) = jax.grad(loss, argnums=(0, 1), has_aux=True)(
-      v["params"], jnp.asarray(x))
+    v["params"], jnp.asarray(x)
+  )
   stats = upd["batch_stats"]["norm"]
-  return (np.asarray(out), np.asarray(g_x), np.asarray(g_params["proj"]["kernel"]),
-          np.asarray(stats["mean"]), np.asarray(stats["var"]))
+  return (
+    np.asarray(out),
+    np.asarray(g_x),
+    np.asarray(g_params["proj"]["kernel"]),
+    np.asarray(stats["mean"]),
+    np.asarray(stats["var"]),
+  )
 
 
 def torch_float64_token_grad(th, x, graph, mask, cot):
@@ -291,7 +310,9 @@ def test_optimized_d768_parity():
     assert rel(gx_j, xt.grad.numpy()) < GRAD_RTOL
 
 
-@pytest.mark.parametrize("kwargs,match", [
+@pytest.mark.parametrize(
+  "kwargs,match",
+  [
     (dict(d_in=0), "d_in: expected an int >= 1, got 0"),
     (dict(d_in=8, d_out=0), "d_out: expected an int >= 1, got 0"),
     (dict(d_in=8, isqrt_iterations=0), "isqrt_iterations: expected an int >= 1, got 0"),
@@ -300,7 +321,8 @@ def test_optimized_d768_parity():
     (dict(d_in=8, dropout_rate=1.0), r"dropout_rate: expected a value in \[0, 1\), got 1.0"),
     (dict(d_in=8, eps=0.0), "eps: expected a float > 0, got 0.0"),
     (dict(d_in=8, d_reduce=0), "d_reduce: expected None or an int >= 1, got 0"),
-])
+  ],
+)
 def test_torch_head_rejects_bad_config(kwargs, match):
   with pytest.raises(ValueError, match=match):
     TorchHead(**kwargs)
@@ -311,11 +333,13 @@ def test_torch_head_rejects_bad_inputs_and_follows_presets():
   assert (th.d_out, th.isqrt_iterations, th.sketch_dim, th.mlp_kind) == (1024, 5, 32, "double")
   assert isinstance(th.mlp[4], torch.nn.Linear) and th.mlp[3].p == 0.1
   x = torch.zeros(2, 9, 8)
-  with pytest.raises(ValueError,
-                     match=r"tokens: expected shape \[batch, tokens, 8\], got \(2, 9, 7\)"):
+  with pytest.raises(
+    ValueError, match=r"tokens: expected shape \[batch, tokens, 8\], got \(2, 9, 7\)"
+  ):
     th(torch.zeros(2, 9, 7))
-  with pytest.raises(ValueError,
-                     match=r"graph: expected shape \(9, 9\) or \(2, 9, 9\), got \(8, 8\)"):
+  with pytest.raises(
+    ValueError, match=r"graph: expected shape \(9, 9\) or \(2, 9, 9\), got \(8, 8\)"
+  ):
     th(x, torch.zeros(8, 8))
   with pytest.raises(ValueError, match=r"mask: expected shape \(2, 9\), got \(9,\)"):
     th(x, None, torch.ones(9, dtype=torch.bool))

@@ -32,22 +32,18 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
   """Raises `ValueError` unless `value` is one of `choices`, listing them."""
   choices = tuple(choices)
   if value not in choices:
-    raise ValueError(
-        f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
+    raise ValueError(f"{name}: expected one of {', '.join(map(str, choices))}, got {value!r}")
 
 
 def check_tokens(tokens: Any, name: str = "tokens") -> None:
   """Raises `ValueError` unless `tokens` is a floating `[batch, tokens, dim]` array."""
   shape = np.shape(tokens)
   if len(shape) != 3:
-    raise ValueError(
-        f"{name}: expected rank 3 [batch, tokens, dim], got shape {shape}")
+    raise ValueError(f"{name}: expected rank 3 [batch, tokens, dim], got shape {shape}")
   if not jnp.issubdtype(jnp.result_type(tokens), jnp.floating):
-    raise ValueError(
-        f"{name}: expected a floating dtype, got {jnp.result_type(tokens)}")
+    raise ValueError(f"{name}: expected a floating dtype, got {jnp.result_type(tokens)}")
   if shape[1] < 1 or shape[2] < 1:
-    raise ValueError(
-        f"{name}: expected at least one token and one channel, got shape {shape}")
+    raise ValueError(f"{name}: expected at least one token and one channel, got shape {shape}")
 
 
 def check_graph(graph: Any, batch: int, tokens: int) -> None:
@@ -55,17 +51,17 @@ def check_graph(graph: Any, batch: int, tokens: int) -> None:
   shape = np.shape(graph)
   if shape not in ((tokens, tokens), (batch, tokens, tokens)):
     raise ValueError(
-        f"graph: expected shape ({tokens}, {tokens}) or "
-        f"({batch}, {tokens}, {tokens}) for tokens of shape "
-        f"({batch}, {tokens}, ...), got {shape}")
+      f"graph: expected shape ({tokens}, {tokens}) or "
+      f"({batch}, {tokens}, {tokens}) for tokens of shape "
+      f"({batch}, {tokens}, ...), got {shape}"
+    )
 
 
 def check_mask(mask: Any, batch: int, tokens: int) -> None:
   """Raises `ValueError` unless `mask` is `[batch, tokens]`."""
   shape = np.shape(mask)
   if shape != (batch, tokens):
-    raise ValueError(
-        f"mask: expected shape ({batch}, {tokens}), got {shape}")
+    raise ValueError(f"mask: expected shape ({batch}, {tokens}), got {shape}")
 
 
 def check_inputs(tokens: Any, graph: Any = None, mask: Any = None) -> None:
@@ -97,12 +93,12 @@ def check_mode(values: bool | str | None) -> str | None:
     return "callback"
   if values in CHECK_MODES:
     return values
-  raise ValueError(
-      f"check_values: expected a bool, 'callback' or 'checkify', got {values!r}")
+  raise ValueError(f"check_values: expected a bool, 'callback' or 'checkify', got {values!r}")
 
 
-def check_call(tokens: Any, graph: Any = None, mask: Any = None,
-               values: bool | str | None = False) -> None:
+def check_call(
+  tokens: Any, graph: Any = None, mask: Any = None, values: bool | str | None = False
+) -> None:
   """Everything checked on a call: shapes always; with `values` (a
   `check_mode`) the opt-in value checks, else only the graph's signs when it
   is concrete."""
@@ -132,17 +128,21 @@ def _value_stats(tokens, graph, mask, xp=jnp) -> dict[str, Any]:
 
 
 _MESSAGES = {
-    "tokens_bad": "tokens: expected finite values, found {} NaN/Inf entries",
-    "graph_min": "graph: expected non-negative edge weights, found minimum {}",
-    "graph_bad": "graph: expected finite edge weights, found {} NaN/Inf entries",
-    "mask_empty": ("mask: every sample needs at least one valid (True) token; "
-                   "rows {} are all padding"),
+  "tokens_bad": "tokens: expected finite values, found {} NaN/Inf entries",
+  "graph_min": "graph: expected non-negative edge weights, found minimum {}",
+  "graph_bad": "graph: expected finite edge weights, found {} NaN/Inf entries",
+  "mask_empty": (
+    "mask: every sample needs at least one valid (True) token; rows {} are all padding"
+  ),
 }
 
 
 def _failed(key: str, value: Any) -> bool:
-  return bool(np.any(value)) if key == "mask_empty" else (
-      float(value) < 0 if key == "graph_min" else int(value) > 0)
+  return (
+    bool(np.any(value))
+    if key == "mask_empty"
+    else (float(value) < 0 if key == "graph_min" else int(value) > 0)
+  )
 
 
 def _value_errors(stats: dict[str, Any]) -> list[str]:
@@ -171,8 +171,7 @@ def check_graph_weights(graph: Any) -> None:
     _raise_if(_value_errors({"graph_min": np.min(np.where(np.isnan(g), 0, g))}))
 
 
-def check_values(tokens: Any, graph: Any = None, mask: Any = None,
-                 mode: str = "callback") -> None:
+def check_values(tokens: Any, graph: Any = None, mask: Any = None, mode: str = "callback") -> None:
   """Opt-in value checks: finite tokens, non-negative finite graph, no empty
   mask row.
 
@@ -180,17 +179,25 @@ def check_values(tokens: Any, graph: Any = None, mask: Any = None,
   device and checked when the computation runs, by `mode` (see `check_mode`).
   """
   if _is_concrete(tokens, graph, mask):
-    _raise_if(_value_errors(_value_stats(
-        None if tokens is None else np.asarray(tokens),
-        None if graph is None else np.asarray(graph),
-        None if mask is None else np.asarray(mask), xp=np)))
+    _raise_if(
+      _value_errors(
+        _value_stats(
+          None if tokens is None else np.asarray(tokens),
+          None if graph is None else np.asarray(graph),
+          None if mask is None else np.asarray(mask),
+          xp=np,
+        )
+      )
+    )
     return
   stats = _value_stats(tokens, graph, mask)
   if mode == "checkify":
     from jax.experimental import checkify
+
     for key, value in stats.items():
-      ok = (~jnp.any(value) if key == "mask_empty" else
-            value >= 0 if key == "graph_min" else value == 0)
+      ok = (
+        ~jnp.any(value) if key == "mask_empty" else value >= 0 if key == "graph_min" else value == 0
+      )
       arg = jnp.argmax(value) if key == "mask_empty" else value
       msg = _MESSAGES[key].replace("rows {}", "row {} and maybe others")
       checkify.check(ok, msg, arg)
@@ -199,11 +206,11 @@ def check_values(tokens: Any, graph: Any = None, mask: Any = None,
 
 
 STAGES = {
-    "propagation": "the graph-propagated tokens",
-    "moment": "the second moment (the tokens' Gram matrix in token space)",
-    "sqrtm": "the matrix square root",
-    "features": "the moment features",
-    "output": "the head's output",
+  "propagation": "the graph-propagated tokens",
+  "moment": "the second moment (the tokens' Gram matrix in token space)",
+  "sqrtm": "the matrix square root",
+  "features": "the moment features",
+  "output": "the head's output",
 }
 
 
@@ -215,15 +222,17 @@ def check_finite(x: jax.Array, stage: str, mode: str | None) -> jax.Array:
   """
   if mode is None:
     return x
-  msg = (f"{stage}: {{}} non-finite entries in {STAGES[stage]} "
-         f"(of {x.size} in this batch or chunk)")
+  msg = f"{stage}: {{}} non-finite entries in {STAGES[stage]} (of {x.size} in this batch or chunk)"
   bad = jnp.sum(~jnp.isfinite(x))
   if mode == "checkify":
     from jax.experimental import checkify
+
     checkify.check(bad == 0, msg, bad)
   else:
+
     def host(b):
       if int(b):
         raise ValueError(msg.format(int(b)))
+
     jax.debug.callback(host, bad)
   return x

@@ -17,11 +17,11 @@ def check_chunk(chunk: int | None) -> None:
 
 
 def map_samples(
-    fn: Callable[..., jax.Array],
-    chunk: int,
-    tokens: jax.Array,
-    graph: jax.Array | None,
-    mask: jax.Array | None,
+  fn: Callable[..., jax.Array],
+  chunk: int,
+  tokens: jax.Array,
+  graph: jax.Array | None,
+  mask: jax.Array | None,
 ) -> jax.Array:
   """`fn(tokens, graph, mask)` on `chunk` samples at a time (`lax.map`).
 

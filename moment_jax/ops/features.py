@@ -7,8 +7,8 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name
 from flax.typing import Dtype, PrecisionLike
+from jax.ad_checkpoint import checkpoint_name
 
 from moment_jax.ops import _checks as checks
 from moment_jax.ops.chunk import check_chunk, map_samples
@@ -16,8 +16,7 @@ from moment_jax.ops.gram import check_space, gram_sqrtm, token_gram, use_token_s
 from moment_jax.ops.graph import normalize_graph, propagate
 from moment_jax.ops.moment import center, centered_moment
 from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
-from moment_jax.ops.sqrtm import (check_iterations, check_method, check_normalization,
-                                  matrix_sqrt)
+from moment_jax.ops.sqrtm import check_iterations, check_method, check_normalization, matrix_sqrt
 from moment_jax.ops.triu import triu_size, triu_vector
 
 __all__ = ["feature_size", "moment_features"]
@@ -28,9 +27,14 @@ def feature_size(dim: int, use_third_order: bool = False, sketch_dim: int = 1024
   return triu_size(dim) + (sketch_dim if use_third_order else 0)
 
 
-def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int,
-                 isqrt_normalization: str = "trace",
-                 isqrt_method: str = "newton_schulz", isqrt_space: str = "auto") -> None:
+def check_config(
+  isqrt_iterations: int,
+  use_third_order: bool,
+  sketch_dim: int,
+  isqrt_normalization: str = "trace",
+  isqrt_method: str = "newton_schulz",
+  isqrt_space: str = "auto",
+) -> None:
   """Validates the static configuration of the pipeline."""
   check_iterations(isqrt_iterations)
   check_normalization(isqrt_normalization)
@@ -38,31 +42,32 @@ def check_config(isqrt_iterations: int, use_third_order: bool, sketch_dim: int,
   check_space(isqrt_space)
   if isqrt_space == "token" and isqrt_method != "newton_schulz":
     raise ValueError(
-        f"isqrt_space: 'token' runs the Newton–Schulz iteration; with "
-        f"isqrt_method={isqrt_method!r} use 'auto' or 'channel'")
+      f"isqrt_space: 'token' runs the Newton–Schulz iteration; with "
+      f"isqrt_method={isqrt_method!r} use 'auto' or 'channel'"
+    )
   if use_third_order:
     check_sketch_dim(sketch_dim)
 
 
 def moment_features(
-    tokens: jax.Array,
-    graph: jax.Array | None = None,
-    mask: jax.Array | None = None,
-    *,
-    isqrt_iterations: int = 3,
-    isqrt_normalization: str = "trace",
-    isqrt_method: str = "newton_schulz",
-    isqrt_space: str = "auto",
-    use_third_order: bool = False,
-    sketch_dim: int = 1024,
-    sketch_seed: int = 0,
-    eps: float = 1e-5,
-    moment_dtype: Dtype | None = None,
-    sqrt_dtype: Dtype | None = None,
-    precision: PrecisionLike = None,
-    remat_isqrt: bool = False,
-    isqrt_chunk: int | None = None,
-    check_values: bool | str = False,
+  tokens: jax.Array,
+  graph: jax.Array | None = None,
+  mask: jax.Array | None = None,
+  *,
+  isqrt_iterations: int = 3,
+  isqrt_normalization: str = "trace",
+  isqrt_method: str = "newton_schulz",
+  isqrt_space: str = "auto",
+  use_third_order: bool = False,
+  sketch_dim: int = 1024,
+  sketch_seed: int = 0,
+  eps: float = 1e-5,
+  moment_dtype: Dtype | None = None,
+  sqrt_dtype: Dtype | None = None,
+  precision: PrecisionLike = None,
+  remat_isqrt: bool = False,
+  isqrt_chunk: int | None = None,
+  check_values: bool | str = False,
 ) -> jax.Array:
   """Moment features of token sets: graph propagation, square-rooted
   covariance, upper triangle and optional third-order sketch.
@@ -116,56 +121,82 @@ def moment_features(
     (2, 2080)
   """
   checks.check_call(tokens, graph, mask, values=check_values)
-  check_config(isqrt_iterations, use_third_order, sketch_dim, isqrt_normalization,
-               isqrt_method, isqrt_space)
+  check_config(
+    isqrt_iterations, use_third_order, sketch_dim, isqrt_normalization, isqrt_method, isqrt_space
+  )
   check_chunk(isqrt_chunk)
   fn = functools.partial(
-      pipeline, isqrt_iterations=isqrt_iterations, isqrt_normalization=isqrt_normalization,
-      isqrt_method=isqrt_method, isqrt_space=isqrt_space, use_third_order=use_third_order,
-      sketch_dim=sketch_dim, sketch_seed=sketch_seed, eps=eps, moment_dtype=moment_dtype,
-      sqrt_dtype=sqrt_dtype, precision=precision, remat_isqrt=remat_isqrt,
-      check=checks.check_mode(check_values))
+    pipeline,
+    isqrt_iterations=isqrt_iterations,
+    isqrt_normalization=isqrt_normalization,
+    isqrt_method=isqrt_method,
+    isqrt_space=isqrt_space,
+    use_third_order=use_third_order,
+    sketch_dim=sketch_dim,
+    sketch_seed=sketch_seed,
+    eps=eps,
+    moment_dtype=moment_dtype,
+    sqrt_dtype=sqrt_dtype,
+    precision=precision,
+    remat_isqrt=remat_isqrt,
+    check=checks.check_mode(check_values),
+  )
   if isqrt_chunk is None:
     return fn(tokens, graph, mask)
   return map_samples(fn, isqrt_chunk, tokens, graph, mask)
 
 
 def pipeline(
-    tokens: jax.Array,
-    graph: jax.Array | None,
-    mask: jax.Array | None,
-    *,
-    isqrt_iterations: int,
-    use_third_order: bool,
-    sketch_dim: int,
-    sketch_seed: int,
-    eps: float,
-    moment_dtype: Dtype | None,
-    sqrt_dtype: Dtype | None,
-    precision: PrecisionLike,
-    remat_isqrt: bool,
-    isqrt_normalization: str = "trace",
-    isqrt_method: str = "newton_schulz",
-    isqrt_space: str = "auto",
-    check: str | None = None,
+  tokens: jax.Array,
+  graph: jax.Array | None,
+  mask: jax.Array | None,
+  *,
+  isqrt_iterations: int,
+  use_third_order: bool,
+  sketch_dim: int,
+  sketch_seed: int,
+  eps: float,
+  moment_dtype: Dtype | None,
+  sqrt_dtype: Dtype | None,
+  precision: PrecisionLike,
+  remat_isqrt: bool,
+  isqrt_normalization: str = "trace",
+  isqrt_method: str = "newton_schulz",
+  isqrt_space: str = "auto",
+  check: str | None = None,
 ) -> jax.Array:
   """`moment_features` without its input checks, for callers that made them
   once (the heads check a call's inputs before their remat and chunk
   wrappers). `check` is a `checks.check_mode`: the stage checks to add."""
-  dtype = jnp.dtype(moment_dtype) if moment_dtype is not None else (
-      jnp.promote_types(tokens.dtype, jnp.float32))
+  dtype = (
+    jnp.dtype(moment_dtype)
+    if moment_dtype is not None
+    else (jnp.promote_types(tokens.dtype, jnp.float32))
+  )
   h = tokens.astype(dtype)
   if graph is not None:
     a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
     h = checks.check_finite(propagate(a_hat, h, precision), "propagation", check)
   hc, n = center(h, mask, dtype=dtype)
   if isqrt_method == "newton_schulz" and use_token_space(
-      h.shape[1], h.shape[2], isqrt_iterations, isqrt_space):
-    s = _token_root(hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype,
-                   precision, remat_isqrt, check)
+    h.shape[1], h.shape[2], isqrt_iterations, isqrt_space
+  ):
+    s = _token_root(
+      hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype, precision, remat_isqrt, check
+    )
   else:
-    s = _channel_root(hc, n, eps, isqrt_iterations, isqrt_normalization, isqrt_method,
-                     sqrt_dtype, precision, remat_isqrt, check)
+    s = _channel_root(
+      hc,
+      n,
+      eps,
+      isqrt_iterations,
+      isqrt_normalization,
+      isqrt_method,
+      sqrt_dtype,
+      precision,
+      remat_isqrt,
+      check,
+    )
   s = checkpoint_name(checks.check_finite(s, "sqrtm", check), "sqrtm")
 
   feats = triu_vector(s)
@@ -175,30 +206,49 @@ def pipeline(
   return checkpoint_name(checks.check_finite(feats, "features", check), "features")
 
 
-def _channel_root(hc, n, eps, iterations, normalization, method, sqrt_dtype, precision,
-                 remat_isqrt, check) -> jax.Array:
+def _channel_root(
+  hc, n, eps, iterations, normalization, method, sqrt_dtype, precision, remat_isqrt, check
+) -> jax.Array:
   """The moment `[batch, dim, dim]` and its square root (docs/math.md sections 2-3)."""
   # The moment is stored in the square root's dtype: bf16 policies keep a
   # bf16 moment (accumulated in f32 by the GEMM); its trace is taken in f32.
   m2 = centered_moment(hc, n, eps, precision=precision, accumulate=sqrt_dtype)
   m2 = checkpoint_name(checks.check_finite(m2, "moment", check), "moment")
-  sqrt = functools.partial(matrix_sqrt, method=method, iterations=iterations,
-                           normalization=normalization, dtype=sqrt_dtype,
-                           precision=precision, remat_body=remat_isqrt)
+  sqrt: Callable[..., jax.Array] = functools.partial(
+    matrix_sqrt,
+    method=method,
+    iterations=iterations,
+    normalization=normalization,
+    dtype=sqrt_dtype,
+    precision=precision,
+    remat_body=remat_isqrt,
+  )
   if remat_isqrt:  # keep only the moment; the backward re-runs the loop
     sqrt = jax.checkpoint(sqrt, policy=jax.checkpoint_policies.nothing_saveable)
   return sqrt(m2)
 
 
-def _token_root(hc, n, eps, iterations, normalization, sqrt_dtype, precision, remat_isqrt,
-               check) -> jax.Array:
+def _token_root(
+  hc, n, eps, iterations, normalization, sqrt_dtype, precision, remat_isqrt, check
+) -> jax.Array:
   """The same root through the `[batch, tokens, tokens]` Gram matrix
   (`ops.gram`), which is tagged "moment" for remat policies."""
+
   def root(hc, n):
     g = token_gram(hc, n, precision=precision)
     g = checkpoint_name(checks.check_finite(g, "moment", check), "moment")
-    return gram_sqrtm(g, hc, n, eps, iterations, normalization=normalization,
-                      dtype=sqrt_dtype, precision=precision, remat_body=remat_isqrt)
+    return gram_sqrtm(
+      g,
+      hc,
+      n,
+      eps,
+      iterations,
+      normalization=normalization,
+      dtype=sqrt_dtype,
+      precision=precision,
+      remat_body=remat_isqrt,
+    )
+
   if remat_isqrt:  # keep only the centred tokens; the backward re-runs the rest
     root = jax.checkpoint(root, policy=jax.checkpoint_policies.nothing_saveable)
   return root(hc, n)

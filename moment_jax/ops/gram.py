@@ -19,29 +19,36 @@ It pays off whenever tokens are fewer than channels (`use_token_space`).
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
 from moment_jax.ops import _checks
-from moment_jax.ops.sqrtm import (Z_ONLY_MAX_ITERATIONS, check_iterations,
-                                  check_normalization, check_stability)
+from moment_jax.ops.sqrtm import (
+  Z_ONLY_MAX_ITERATIONS,
+  check_iterations,
+  check_normalization,
+  check_stability,
+)
 
 __all__ = ["gram_sqrtm", "token_gram", "use_token_space"]
 
 SPACES = ("auto", "channel", "token")
 
+
 class _Diag(NamedTuple):
   """`P = s I`, `s` `[batch, 1, 1]`: kept symbolic, so products with it cost
   one GEMM (or none) instead of two."""
+
   s: jax.Array
 
 
 # A Newton–Schulz iterate `a I + U^T P U`: `a` is `[batch, 1, 1]` (float32 or
 # wider), `P` a `[batch, tokens, tokens]` array in the iteration's dtype or a `_Diag`.
-_Element = tuple[jax.Array, "jax.Array | _Diag"]
+# (`Any` for P: mypy cannot narrow the union through the product rule's branches.)
+_Element = tuple[jax.Array, Any]
 
 
 def check_space(space: str) -> str:
@@ -104,10 +111,10 @@ class _Algebra:
 
 
 def token_gram(
-    hc: jax.Array,
-    n: jax.Array,
-    *,
-    precision: PrecisionLike = None,
+  hc: jax.Array,
+  n: jax.Array,
+  *,
+  precision: PrecisionLike = None,
 ) -> jax.Array:
   """`[batch, tokens, tokens]` Gram matrix `hc hc^T / n` of centred tokens,
   in `hc`'s dtype, at least float32 (GEMMs accumulate in float32)."""
@@ -117,18 +124,18 @@ def token_gram(
 
 
 def gram_sqrtm(
-    g: jax.Array,
-    hc: jax.Array,
-    n: jax.Array,
-    eps: float,
-    iterations: int,
-    *,
-    normalization: str = "trace",
-    dtype: Dtype | None = None,
-    precision: PrecisionLike = None,
-    remat_body: bool = False,
-    coupled: bool | None = None,
-    stability_check: bool = True,
+  g: jax.Array,
+  hc: jax.Array,
+  n: jax.Array,
+  eps: float,
+  iterations: int,
+  *,
+  normalization: str = "trace",
+  dtype: Dtype | None = None,
+  precision: PrecisionLike = None,
+  remat_body: bool = False,
+  coupled: bool | None = None,
+  stability_check: bool = True,
 ) -> jax.Array:
   """Newton–Schulz root of `M = hc^T hc / n + eps I`, run on the Gram matrix
   `g = token_gram(hc, n)`.
@@ -191,7 +198,8 @@ def gram_sqrtm(
       p = alg.mul(z, y)
       return alg.comb(1.5, y, -0.5, alg.mul(y, p)), alg.comb(1.5, z, -0.5, alg.mul(p, z))
 
-    step = both if coupled else z_only
+    step: Callable[..., Any] = both if coupled else z_only
+    init: Any
     if remat_body:
       step = jax.checkpoint(step)
     if coupled:
@@ -216,7 +224,7 @@ def _scale(g: jax.Array, eps: float, dim: int, normalization: str) -> jax.Array:
   # Scaled by the largest entry, as in `sqrtm._scale`, against overflow.
   big = jnp.maximum(jnp.max(jnp.abs(g), axis=(-2, -1), keepdims=True), eps)
   sq = jnp.sum(jnp.square(g / big), axis=(-2, -1), keepdims=True)
-  return big * jnp.sqrt(dim * (eps / big)**2 + 2 * (eps / big) * (tr / big) + sq)
+  return big * jnp.sqrt(dim * (eps / big) ** 2 + 2 * (eps / big) * (tr / big) + sq)
 
 
 def _to_channels(y: _Element, c, hc, n, dtype, precision) -> jax.Array:
@@ -224,8 +232,9 @@ def _to_channels(y: _Element, c, hc, n, dtype, precision) -> jax.Array:
   a, p = y
   root = jnp.sqrt(c)
   w = jnp.matmul((p * (root / n)).astype(dtype), hc.astype(dtype), precision=precision)
-  s = jnp.einsum("bnd,bne->bde", hc.astype(dtype), w, precision=precision,
-                 preferred_element_type=dtype)
+  s = jnp.einsum(
+    "bnd,bne->bde", hc.astype(dtype), w, precision=precision, preferred_element_type=dtype
+  )
   # A diagonal update, not `+ a I`: the backward of a broadcast identity keeps it.
   i = jnp.arange(hc.shape[-1])
   return s.at[:, i, i].add((root * a)[:, :, 0].astype(dtype))

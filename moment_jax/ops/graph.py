@@ -11,9 +11,9 @@ __all__ = ["grid_graph", "normalize_graph", "propagate"]
 
 
 def normalize_graph(
-    graph: jax.Array,
-    eps: float = 1e-5,
-    mask: jax.Array | None = None,
+  graph: jax.Array,
+  eps: float = 1e-5,
+  mask: jax.Array | None = None,
 ) -> jax.Array:
   """Symmetric normalisation `D^-1/2 A D^-1/2` of non-negative edge weights.
 
@@ -37,9 +37,9 @@ def normalize_graph(
 
 
 def propagate(
-    a_hat: jax.Array,
-    tokens: jax.Array,
-    precision: PrecisionLike = None,
+  a_hat: jax.Array,
+  tokens: jax.Array,
+  precision: PrecisionLike = None,
 ) -> jax.Array:
   """`H = A_hat @ tokens` for a `[tokens, tokens]` or `[batch, tokens, tokens]` graph.
 
@@ -56,10 +56,10 @@ def propagate(
 
 
 def grid_graph(
-    height: int,
-    width: int,
-    connectivity: int = 4,
-    self_loops: bool = True,
+  height: int,
+  width: int,
+  connectivity: int = 4,
+  self_loops: bool = True,
 ) -> np.ndarray:
   """Adjacency of a `height x width` patch grid, row-major like ViT patches.
 
@@ -76,15 +76,14 @@ def grid_graph(
   if connectivity not in (4, 8):
     raise ValueError(f"connectivity: expected 4 or 8, got {connectivity!r}")
   if height < 1 or width < 1:
-    raise ValueError(
-        f"height, width: expected positive sizes, got ({height}, {width})")
+    raise ValueError(f"height, width: expected positive sizes, got ({height}, {width})")
   rows, cols = np.divmod(np.arange(height * width), width)
   dr = np.abs(rows[:, None] - rows[None, :])
   dc = np.abs(cols[:, None] - cols[None, :])
   if connectivity == 4:
     adj = (dr + dc) == 1
   else:
-    adj = (np.maximum(dr, dc) == 1)
+    adj = np.maximum(dr, dc) == 1
   if self_loops:
     adj |= np.eye(height * width, dtype=bool)
   return adj.astype(np.float32)

@@ -17,10 +17,10 @@ def _stage_dtype(x: jax.Array, dtype: Dtype | None) -> jnp.dtype:
 
 
 def center(
-    h: jax.Array,
-    mask: jax.Array | None = None,
-    *,
-    dtype: Dtype | None = None,
+  h: jax.Array,
+  mask: jax.Array | None = None,
+  *,
+  dtype: Dtype | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Subtracts the mean over valid tokens and zeroes padding rows.
 
@@ -46,12 +46,12 @@ def center(
 
 
 def centered_moment(
-    hc: jax.Array,
-    n: jax.Array,
-    eps: float = 1e-5,
-    *,
-    precision: PrecisionLike = None,
-    accumulate: Dtype | None = None,
+  hc: jax.Array,
+  n: jax.Array,
+  eps: float = 1e-5,
+  *,
+  precision: PrecisionLike = None,
+  accumulate: Dtype | None = None,
 ) -> jax.Array:
   """`Hc^T Hc / n + eps * I` from already centred tokens.
 
@@ -67,19 +67,18 @@ def centered_moment(
     `[batch, dim, dim]` symmetric positive definite, in the `accumulate` dtype.
   """
   acc = _stage_dtype(hc, accumulate)
-  m2 = jnp.einsum("bnd,bne->bde", hc, hc, precision=precision,
-                  preferred_element_type=acc)
+  m2 = jnp.einsum("bnd,bne->bde", hc, hc, precision=precision, preferred_element_type=acc)
   d = hc.shape[-1]
   return m2 / n.astype(acc)[:, None, None] + eps * jnp.eye(d, dtype=acc)
 
 
 def second_moment(
-    h: jax.Array,
-    mask: jax.Array | None = None,
-    eps: float = 1e-5,
-    *,
-    dtype: Dtype | None = None,
-    precision: PrecisionLike = None,
+  h: jax.Array,
+  mask: jax.Array | None = None,
+  eps: float = 1e-5,
+  *,
+  dtype: Dtype | None = None,
+  precision: PrecisionLike = None,
 ) -> jax.Array:
   """Centred second moment of each sample's tokens, docs/math.md section 2.
 

@@ -36,12 +36,12 @@ def sketch_hashes(dim: int, sketch_dim: int, seed: int = 0) -> tuple[np.ndarray,
     same order gets the same hashes.
   """
   rng = np.random.default_rng(seed)
-  h, s = [], []
+  hs, ss = [], []
   for _ in range(3):
-    h.append(rng.integers(0, sketch_dim, size=dim))
-    s.append(2 * rng.integers(0, 2, size=dim) - 1)
-  h = np.stack(h).astype(np.int32)
-  s = np.stack(s).astype(np.float32)
+    hs.append(rng.integers(0, sketch_dim, size=dim))
+    ss.append(2 * rng.integers(0, 2, size=dim) - 1)
+  h = np.stack(hs).astype(np.int32)
+  s = np.stack(ss).astype(np.float32)
   h.setflags(write=False)
   s.setflags(write=False)
   return h, s
@@ -59,13 +59,13 @@ def power_normalize(m: jax.Array, eps: float = 1e-5) -> jax.Array:
 
 
 def tensor_sketch_moment(
-    hc: jax.Array,
-    sketch_dim: int,
-    seed: int = 0,
-    mask: jax.Array | None = None,
-    eps: float = 1e-5,
-    *,
-    dtype: Dtype | None = None,
+  hc: jax.Array,
+  sketch_dim: int,
+  seed: int = 0,
+  mask: jax.Array | None = None,
+  eps: float = 1e-5,
+  *,
+  dtype: Dtype | None = None,
 ) -> jax.Array:
   """Power-normalised Tensor Sketch of the third moment, docs/math.md section 6.
 
@@ -86,11 +86,11 @@ def tensor_sketch_moment(
   dtype = jnp.promote_types(dtype if dtype is not None else hc.dtype, jnp.float32)
   hc = hc.astype(dtype)
   hs, ss = sketch_hashes(hc.shape[-1], sketch_dim, seed)
-  spectrum = None
-  for h, s in zip(hs, ss):
-    f = jnp.fft.rfft(count_sketch(hc, h, s, sketch_dim), axis=-1)
-    spectrum = f if spectrum is None else spectrum * f
+  spectrum = jnp.fft.rfft(count_sketch(hc, hs[0], ss[0], sketch_dim), axis=-1)
+  for h, s in zip(hs[1:], ss[1:]):
+    spectrum = spectrum * jnp.fft.rfft(count_sketch(hc, h, s, sketch_dim), axis=-1)
   ts = jnp.fft.irfft(spectrum, n=sketch_dim, axis=-1)  # [batch, tokens, sketch]
+  n: jax.Array | int
   if mask is None:
     n = hc.shape[1]
   else:

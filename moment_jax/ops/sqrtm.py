@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from typing import Any, Callable, cast
 
 import jax
 import jax.numpy as jnp
@@ -19,13 +20,13 @@ from flax.typing import Dtype, PrecisionLike
 from moment_jax.ops import _checks
 
 __all__ = [
-    "STABILITY_LIMITS",
-    "Z_ONLY_MAX_ITERATIONS",
-    "coupled_step",
-    "matrix_sqrt",
-    "newton_schulz_step",
-    "sqrtm_eigh",
-    "sqrtm_newton_schulz",
+  "STABILITY_LIMITS",
+  "Z_ONLY_MAX_ITERATIONS",
+  "coupled_step",
+  "matrix_sqrt",
+  "newton_schulz_step",
+  "sqrtm_eigh",
+  "sqrtm_newton_schulz",
 ]
 
 
@@ -36,9 +37,9 @@ def _mm(a, b, precision, out=None):
 
 
 def newton_schulz_step(
-    z: jax.Array,
-    a: jax.Array,
-    precision: PrecisionLike = None,
+  z: jax.Array,
+  a: jax.Array,
+  precision: PrecisionLike = None,
 ) -> jax.Array:
   """One coupled step, carried by `Z` alone: `Y = A Z;  Z <- 1.5 Z - 0.5 (Z Y) Z`.
 
@@ -57,9 +58,9 @@ def newton_schulz_step(
 
 
 def coupled_step(
-    y: jax.Array,
-    z: jax.Array,
-    precision: PrecisionLike = None,
+  y: jax.Array,
+  z: jax.Array,
+  precision: PrecisionLike = None,
 ) -> tuple[jax.Array, jax.Array]:
   """One step of the spec's coupled form: `P = Z Y;  Y <- 1.5 Y - 0.5 Y P;
   Z <- 1.5 Z - 0.5 P Z` (that is `T = (3I - Z Y) / 2`, `Y T`, `T Z`).
@@ -75,8 +76,7 @@ def coupled_step(
 
 def _check_square(m: jax.Array, name: str = "m") -> None:
   if m.ndim < 2 or m.shape[-1] != m.shape[-2]:
-    raise ValueError(
-        f"{name}: expected [..., dim, dim] square matrices, got shape {m.shape}")
+    raise ValueError(f"{name}: expected [..., dim, dim] square matrices, got shape {m.shape}")
 
 
 def check_iterations(iterations: int) -> int:
@@ -125,7 +125,8 @@ def _operand_class(dtype: jnp.dtype, precision: PrecisionLike) -> str | None:
     return "bfloat16"
   if jnp.finfo(dtype).bits > 32:
     return None
-  p = precision if precision is not None else jax.config.jax_default_matmul_precision
+  default = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  p = precision if precision is not None else default
   names = [str(q).lower() for q in (p if isinstance(p, tuple) else (p,))]
   return "float32" if all("highest" in q or q == "float32" for q in names) else "tf32"
 
@@ -137,21 +138,30 @@ def check_stability(iterations: int, dtype: Dtype, precision: PrecisionLike = No
   if cls is None:
     return
   warn, refuse = STABILITY_LIMITS[cls]
-  where = ("on GPU, float32 products below HIGHEST precision run in TF32"
-           if cls == "tf32" else f"{cls} operands")
+  where = (
+    "on GPU, float32 products below HIGHEST precision run in TF32"
+    if cls == "tf32"
+    else f"{cls} operands"
+  )
   if refuse is not None and iterations >= refuse:
     raise ValueError(
-        f"isqrt_iterations: {iterations} Newton–Schulz iterations diverge with {where} "
-        f"(NaN or relative error over 0.4 from K={refuse}; docs/numerics.md); use "
-        f"K < {refuse}, or float32 operands (policy 'bfloat16-sqrt32')")
+      f"isqrt_iterations: {iterations} Newton–Schulz iterations diverge with {where} "
+      f"(NaN or relative error over 0.4 from K={refuse}; docs/numerics.md); use "
+      f"K < {refuse}, or float32 operands (policy 'bfloat16-sqrt32')"
+    )
   if iterations >= warn:
     warnings.warn(
-        f"isqrt_iterations={iterations}: with {where} the square root's error grows "
-        f"again from K={warn} and the iteration can diverge (docs/numerics.md); "
-        + ("use precision='highest'" if cls == "tf32" else
-           "use isqrt_method='eigh' for a near-exact root" if cls == "float32" else
-           "use float32 operands (policy 'bfloat16-sqrt32') or fewer iterations"),
-        stacklevel=3)
+      f"isqrt_iterations={iterations}: with {where} the square root's error grows "
+      f"again from K={warn} and the iteration can diverge (docs/numerics.md); "
+      + (
+        "use precision='highest'"
+        if cls == "tf32"
+        else "use isqrt_method='eigh' for a near-exact root"
+        if cls == "float32"
+        else "use float32 operands (policy 'bfloat16-sqrt32') or fewer iterations"
+      ),
+      stacklevel=3,
+    )
 
 
 def _scale(m: jax.Array, normalization: str) -> jax.Array:
@@ -167,15 +177,15 @@ def _scale(m: jax.Array, normalization: str) -> jax.Array:
 
 
 def sqrtm_newton_schulz(
-    m: jax.Array,
-    iterations: int,
-    *,
-    normalization: str = "trace",
-    dtype: Dtype | None = None,
-    precision: PrecisionLike = None,
-    remat_body: bool = False,
-    coupled: bool | None = None,
-    stability_check: bool = True,
+  m: jax.Array,
+  iterations: int,
+  *,
+  normalization: str = "trace",
+  dtype: Dtype | None = None,
+  precision: PrecisionLike = None,
+  remat_body: bool = False,
+  coupled: bool | None = None,
+  stability_check: bool = True,
 ) -> jax.Array:
   """Approximate square root of SPD matrices by `iterations` coupled steps.
 
@@ -229,15 +239,16 @@ def sqrtm_newton_schulz(
       coupled = k > Z_ONLY_MAX_ITERATIONS
     a_op = a.astype(dtype)
     z = (1.5 * eye - 0.5 * a).astype(dtype)  # iteration 1: Z = T, Y = A T
+    step: Callable[..., Any]
+    init: Any
     if coupled:
       step = functools.partial(coupled_step, precision=precision)
       init = (_mm(a_op, z, precision), z)
     else:
       step = functools.partial(newton_schulz_step, a=a_op, precision=precision)
       init = z
-    if remat_body:
-      step = jax.checkpoint(step)
-    body = (lambda _, yz: step(*yz)) if coupled else (lambda _, z: step(z))
+    run = cast(Callable[..., Any], jax.checkpoint(step) if remat_body else step)
+    body: Callable[[int, Any], Any] = (lambda _, yz: run(*yz)) if coupled else (lambda _, z: run(z))
     out = jax.lax.fori_loop(0, k - 2, body, init)
     # iteration K, Y only: 1.5 Y - 0.5 Y (Z Y)
     y, z = out if coupled else (_mm(a_op, out, precision), out)
@@ -299,14 +310,14 @@ def sqrtm_eigh(m: jax.Array, *, dtype: Dtype | None = None) -> jax.Array:
 
 
 def matrix_sqrt(
-    m: jax.Array,
-    *,
-    method: str = "newton_schulz",
-    iterations: int = 3,
-    normalization: str = "trace",
-    dtype: Dtype | None = None,
-    precision: PrecisionLike = None,
-    remat_body: bool = False,
+  m: jax.Array,
+  *,
+  method: str = "newton_schulz",
+  iterations: int = 3,
+  normalization: str = "trace",
+  dtype: Dtype | None = None,
+  precision: PrecisionLike = None,
+  remat_body: bool = False,
 ) -> jax.Array:
   """`sqrtm_newton_schulz` or `sqrtm_eigh` by `method`; the Newton–Schulz
   arguments are ignored (but still validated) for `"eigh"`."""
@@ -315,5 +326,11 @@ def matrix_sqrt(
     check_iterations(iterations)
     check_normalization(normalization)
     return sqrtm_eigh(m, dtype=dtype)
-  return sqrtm_newton_schulz(m, iterations, normalization=normalization, dtype=dtype,
-                             precision=precision, remat_body=remat_body)
+  return sqrtm_newton_schulz(
+    m,
+    iterations,
+    normalization=normalization,
+    dtype=dtype,
+    precision=precision,
+    remat_body=remat_body,
+  )

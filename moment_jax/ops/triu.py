@@ -38,8 +38,7 @@ def triu_vector(s: jax.Array) -> jax.Array:
     `s[numpy.triu_indices(dim)]`.
   """
   if s.ndim < 2 or s.shape[-1] != s.shape[-2]:
-    raise ValueError(
-        f"s: expected [..., dim, dim] square matrices, got shape {s.shape}")
+    raise ValueError(f"s: expected [..., dim, dim] square matrices, got shape {s.shape}")
   d = s.shape[-1]
   flat = s.reshape(*s.shape[:-2], d * d)
   return flat[..., triu_flat_indices(d)]
