@@ -6,6 +6,10 @@ import os
 import subprocess
 import sys
 
+import pytest
+
+pytestmark = pytest.mark.slow  # subprocesses or many examples: CI runs them; -m "not slow" skips
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

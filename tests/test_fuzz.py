@@ -48,6 +48,8 @@ from hypothesis import strategies as st
 from moment_jax import NAMED_POLICIES, PRESET_NAMES, MomentHead, feature_size, moment_features
 from moment_jax.linen import Projection
 
+pytestmark = pytest.mark.slow  # subprocesses or many examples: CI runs them; -m "not slow" skips
+
 _EXAMPLES = os.environ.get("MOMENT_JAX_FUZZ_EXAMPLES")
 SMALL = dict(d_out=8, sketch_dim=16)  # every preset's structure, small weights
 HIGHEST = jax.lax.Precision.HIGHEST

@@ -1,0 +1,124 @@
+"""benchmarks/e2e.py and benchmarks/vit.py at toy sizes on CPU (the timings come from GPU
+runs; here only that the steps train, the JSON holds what the docs read, and
+that the JAX ViT is timm's architecture)."""
+
+import json
+import math
+import os
+import sys
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from benchmarks import e2e, vit  # noqa: E402
+
+
+def _param_count(cfg, pooling):
+  model = vit.ViT(config=cfg, pooling=pooling)
+  images = jnp.zeros((2, cfg.image, cfg.image, 3))
+  shapes = jax.eval_shape(lambda k: model.init(k, images, train=False), jax.random.key(0))
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(shapes["params"]))
+
+
+def _vit_params(cfg):
+  """ViT parameters counted from the architecture, layer by layer (timm's layout)."""
+  w, m = cfg.width, cfg.mlp_dim
+  block = 2 * 2 * w + (w * 3 * w + 3 * w) + (w * w + w) + (w * m + m) + (m * w + w)
+  embed = cfg.patch * cfg.patch * 3 * w + w + cfg.tokens * w
+  return embed + cfg.depth * block
+
+
+def test_vit_b16_is_the_counted_architecture():
+  cfg = vit.VIT_B16
+  expected = _vit_params(cfg) + 2 * cfg.width + cfg.width * cfg.classes + cfg.classes
+  assert _param_count(cfg, "mean") == expected
+
+
+def test_vit_rejects_bad_input():
+  with pytest.raises(ValueError, match="image: expected a multiple of patch"):
+    vit.ViTConfig(image=30, patch=8)
+  with pytest.raises(ValueError, match="attention: expected one of"):
+    vit.attention_implementation("flash", "gpu")
+  model = vit.ViT(config=vit.TINY)
+  with pytest.raises(ValueError, match=r"images: expected shape \[batch, 32, 32, 3\]"):
+    model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
+
+
+def test_time_fn_keeps_no_output_alive():
+  # A kept training-mode forward holds its activations: on the GPU that ran out of memory.
+  class Out:
+    pass
+
+  made, alive = [], []
+
+  def fn():
+    alive.append(sum(r() is not None for r in made))
+    out = Out()
+    made.append(weakref.ref(out))
+    return out
+
+  assert e2e.time_fn(fn, lambda _: None, warmup=2, iters=3) >= 0
+  assert len(made) == 5 and max(alive) <= 1  # at most the previous call's, until replaced
+
+
+@pytest.mark.slow
+def test_e2e_tiny_jax(tmp_path):
+  path = tmp_path / "e2e.json"
+  steps, warmup = 2, 1
+  e2e.main(
+    [
+      "--tiny",
+      "--frameworks",
+      "jax",
+      "--batch",
+      "2",
+      "--steps",
+      str(steps),
+      "--warmup",
+      str(warmup),
+      "--json",
+      str(path),
+    ]
+  )
+  data = json.loads(path.read_text())
+  assert set(data) == {"meta", "rows", "summary"}
+  rows = {r["pooling"]: r for r in data["rows"]}
+  assert set(rows) == {"mean", "head"}
+  for r in rows.values():
+    assert "error" not in r, r.get("error")
+    assert {
+      "framework",
+      "batch",
+      "ms_per_step",
+      "ms_per_step_pipelined",
+      "params",
+      "peak_mb",
+      "compiled_temp_mb",
+      "compile_s",
+      "losses",
+      "attention_kernel",
+    } <= set(r)
+    assert r["batch"] == 2 and r["ms_per_step"] > 0 and r["compiled_temp_mb"] > 0
+    assert len(r["losses"]) == warmup + 2 * steps
+    assert np.all(np.isfinite(r["losses"]))
+    assert r["attention_kernel"] == "xla"  # no cuDNN on CPU
+  assert rows["head"]["params"] > rows["mean"]["params"]
+  assert rows["mean"]["params"] == _param_count(vit.TINY, "mean")
+  assert rows["mean"]["parts"]["forward_ms"] > 0
+  (over,) = [s for s in data["summary"] if s["kind"] == "overhead"]
+  assert over["framework"] == "jax" and over["batch"] == 2
+  assert over["overhead_ms"] == pytest.approx(
+    rows["head"]["ms_per_step"] - rows["mean"]["ms_per_step"]
+  )
+
+
+# The PyTorch side (timm) is not installable on CI's CPU machine (timm needs
+# torchvision, which has no CPU build there); benchmarks/e2e.py records both
+# parameter counts on the GPU (86,566,120 each for the mean-pooling ViT-B/16).
