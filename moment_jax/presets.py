@@ -32,17 +32,6 @@ PRESETS: types.MappingProxyType = types.MappingProxyType(
 
 PRESET_NAMES: tuple[str, ...] = ("original", "optimized", "balanced", "memory", "performance")
 
-# Training-mode memory of the PyTorch design at B=4, N=196, D=768, from the
-# seed's write-up (MB). "optimized" and "balanced" are the same configuration.
-SEED_MEMORY_MB = types.MappingProxyType(
-  {
-    "original": "~150",
-    "optimized": "91.18 / 56.84",
-    "balanced": "91.18 / 56.84",
-  }
-)
-
-
 def preset(name: str) -> dict[str, Any]:
   """The keyword arguments of preset `name` (a fresh, mutable copy)."""
   if name not in PRESETS:

@@ -16,10 +16,10 @@ from moment_jax.convert import expected_shapes, flax_to_torch, torch_to_flax
 
 D = 6
 CONFIGS = {
-    "single": dict(d_out=8),
-    "double": dict(d_out=8, mlp="double"),
-    "third": dict(d_out=8, use_third_order=True, sketch_dim=16),
-    "reduce": dict(d_out=8, mlp="double", d_reduce=4),
+  "single": dict(d_out=8),
+  "double": dict(d_out=8, mlp="double"),
+  "third": dict(d_out=8, use_third_order=True, sketch_dim=16),
+  "reduce": dict(d_out=8, mlp="double", d_reduce=4),
 }
 
 
@@ -79,14 +79,18 @@ def test_width_read_from_checkpoint_or_given():
   assert sd["mlp.0.weight"].shape == (8, feature_size(10, True, 16))
   assert torch_to_flax(sd, head)["params"]["proj"]["kernel"].shape[0] == 55 + 16
   torch_to_flax(sd, head, d_in=10)
-  with pytest.raises(ValueError,
-                     match=r"mlp\.0\.weight: expected shape \(8, 37\), found \(8, 71\)"):
+  with pytest.raises(
+    ValueError, match=r"mlp\.0\.weight: expected shape \(8, 37\), found \(8, 71\)"
+  ):
     torch_to_flax(sd, head, d_in=6)
   with pytest.raises(ValueError, match="d_in: expected None or an int >= 1, got 0"):
     torch_to_flax(sd, head, d_in=0)
   sd["mlp.0.weight"] = np.zeros((8, 70), np.float32)  # 70 - 16 is no D (D + 1) / 2
-  with pytest.raises(ValueError, match=r"mlp\.0\.weight: expected shape \(8, D\(D\+1\)/2\+16\), "
-                     r"found \(8, 70\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mlp\.0\.weight: expected shape \(8, D\(D\+1\)/2\+16\), "
+    r"found \(8, 70\)",
+  ):
     torch_to_flax(sd, head)
 
 
@@ -116,8 +120,9 @@ def test_refuses_a_checkpoint_of_the_other_mlp():
     torch_to_flax(random_state(single), double)
   assert "missing mlp.4.weight: expected shape (8, 8)" in message(e)
   assert "missing mlp.4.bias: expected shape (8,)" in message(e)
-  with pytest.raises(ValueError,
-                     match=r"mlp\.0\.weight: expected shape \(8, 21\), found \(8, 37\)"):
+  with pytest.raises(
+    ValueError, match=r"mlp\.0\.weight: expected shape \(8, 21\), found \(8, 37\)"
+  ):
     torch_to_flax(random_state(MomentHead(**CONFIGS["third"])), single, d_in=D)
 
 
@@ -129,8 +134,11 @@ def test_refuses_non_floating_values_and_bad_counters():
     torch_to_flax(sd, head)
   sd = random_state(head)
   sd["mlp.1.num_batches_tracked"] = np.zeros(2, np.int64)
-  with pytest.raises(ValueError, match=r"mlp\.1\.num_batches_tracked: expected shape \(\), "
-                     r"found \(2,\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mlp\.1\.num_batches_tracked: expected shape \(\), "
+    r"found \(2,\)",
+  ):
     torch_to_flax(sd, head)
   with pytest.raises(ValueError, match="num_batches_tracked: expected an int >= 0, got -1"):
     flax_to_torch(torch_to_flax(random_state(head), head), head, num_batches_tracked=-1)
@@ -163,8 +171,10 @@ def test_flax_to_torch_refuses_bad_variables():
 def test_prefix_selects_a_head_inside_a_model():
   head = MomentHead(**CONFIGS["single"])
   sd = random_state(head)
-  model = {"backbone.weight": np.zeros((3, 3), np.float32),
-           **{"head." + k: a for k, a in sd.items()}}
+  model = {
+    "backbone.weight": np.zeros((3, 3), np.float32),
+    **{"head." + k: a for k, a in sd.items()},
+  }
   v = torch_to_flax(model, head, prefix="head.")
   chex.assert_trees_all_equal(v, torch_to_flax(sd, head))
   assert set(flax_to_torch(v, head, prefix="head.")) == {"head." + k for k in sd}
@@ -183,8 +193,13 @@ def test_parameter_dtypes_follow_the_head():
 
 def run_python(code):
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
-  return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True,
-                        text=True, env=env, timeout=120)
+  return subprocess.run(
+    [sys.executable, "-c", textwrap.dedent(code)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
 
 
 def test_works_without_torch():
@@ -202,15 +217,30 @@ def test_works_without_torch():
       sd["mlp.1.num_batches_tracked"] = np.asarray(0, np.int64)
       back = flax_to_torch(torch_to_flax(sd, head), head)
       assert all(np.array_equal(back[k], sd[k]) for k in sd)
-      try:
-        flax_to_torch(torch_to_flax(sd, head), head, as_torch=True)
-      except ImportError:
-        print("ok")
+      import os, tempfile
+      from moment_jax.convert import load_torch_checkpoint, save_torch_checkpoint
+      tmp = tempfile.mkdtemp()
+      np.savez(os.path.join(tmp, "head.npz"), **sd)
+      v = load_torch_checkpoint(os.path.join(tmp, "head.npz"), head)
+      open(os.path.join(tmp, "head.pt"), "wb").close()
+      save_torch_checkpoint(os.path.join(tmp, "back.npz"), v, head)
+      for call in (lambda: flax_to_torch(v, head, as_torch=True),
+                   lambda: save_torch_checkpoint(os.path.join(tmp, "back.pt"), v, head),
+                   lambda: load_torch_checkpoint(os.path.join(tmp, "head.pt"), head)):
+        try:
+          call()
+        except ImportError as e:
+          assert "torch" in str(e)
+        else:
+          raise AssertionError("expected an ImportError")
+      assert sorted(os.listdir(tmp)) == ["back.npz", "head.npz", "head.pt"]
+      print("ok")
   """)
   assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
 # -- With torch ------------------------------------------------------------------
+
 
 @pytest.fixture(name="torch")
 def torch_fixture():
@@ -220,15 +250,18 @@ def torch_fixture():
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_expected_shapes_are_the_torch_state_dict(torch, cfg):
   from moment_jax.torch_reference import MomentHead as TorchHead
+
   th = TorchHead(D, **cfg)
   assert {k: tuple(a.shape) for k, a in th.state_dict().items()} == expected_shapes(
-      MomentHead(**cfg), D)
+    MomentHead(**cfg), D
+  )
   assert list(th.state_dict()) == list(expected_shapes(MomentHead(**cfg), D))
 
 
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_torch_round_trip_and_strict_load(torch, cfg):
   from moment_jax.torch_reference import MomentHead as TorchHead
+
   torch.manual_seed(0)
   th = TorchHead(D, **cfg)
   with torch.no_grad():
@@ -253,6 +286,7 @@ def test_conversions_copy_not_alias(torch):
   """Updating the torch weights in place (an optimizer step) leaves the Flax
   variables alone, and the other way round."""
   from moment_jax.torch_reference import MomentHead as TorchHead
+
   th = TorchHead(D, d_out=8)
   head = MomentHead(d_out=8)
   v = torch_to_flax(th.state_dict(), head)
@@ -271,6 +305,7 @@ def test_conversions_copy_not_alias(torch):
 
 def test_bfloat16_torch_tensors(torch):
   from moment_jax.torch_reference import MomentHead as TorchHead
+
   th = TorchHead(D, d_out=8).to(torch.bfloat16)
   head = MomentHead(d_out=8, param_dtype=jnp.bfloat16)
   v = torch_to_flax(th.state_dict(), head)
@@ -284,8 +319,11 @@ def test_unreadable_widths_are_reported():
   third = MomentHead(**CONFIGS["third"])
   sd = random_state(third)
   sd["mlp.0.weight"] = np.zeros((8, 10), np.float32)  # fewer features than the sketch alone
-  with pytest.raises(ValueError, match=r"mlp\.0\.weight: expected shape \(8, D\(D\+1\)/2\+16\), "
-                     r"found \(8, 10\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"mlp\.0\.weight: expected shape \(8, D\(D\+1\)/2\+16\), "
+    r"found \(8, 10\)",
+  ):
     torch_to_flax(sd, third)
   reduce = MomentHead(**CONFIGS["reduce"])
   sd = random_state(reduce)
