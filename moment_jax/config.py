@@ -19,7 +19,7 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
 from moment_jax.ops import _checks
-from moment_jax.ops.features import check_config, feature_size, pipeline
+from moment_jax.ops.features import check_config, feature_size, pipeline, root_and_sketch
 from moment_jax.precision import Policy, get_policy
 from moment_jax.remat import resolve_remat
 
@@ -75,6 +75,14 @@ class HeadConfig:
     isqrt_chunk: run the feature pipeline and the projection over this many
       samples at a time, so neither the `[batch, F]` features nor the square
       root's workspace grow with the batch.
+    use_kernels: run the projection's backward (and the triangle gather's
+      transpose) as the Pallas kernel `moment_jax.kernels.triu_project`.
+      None (default): on when JAX's backend is a GPU with one device, the
+      pipeline is not chunked (`isqrt_chunk=None`) and `d_reduce`/the width
+      is below 2048; False: the XLA path everywhere; True: the kernel
+      wherever the pipeline is not chunked (interpreted on a CPU: for tests).
+      Under several devices the kernel is off unless asked for, since the
+      SPMD partitioner cannot split a custom kernel.
     check_values: check finite tokens, non-negative graph, non-empty mask rows
       and finite results of every stage, named in the error. `True` or
       "callback": host callbacks (a small sync per call); "checkify":
@@ -107,6 +115,7 @@ class HeadConfig:
   policy: str | Policy | None = None
   remat_policy: str | Callable[..., Any] | None = None
   isqrt_chunk: int | None = None
+  use_kernels: bool | None = None
   check_values: CheckValues = False
 
   @classmethod
@@ -151,6 +160,8 @@ class HeadConfig:
         f"eps=0 constant tokens give a zero trace)"
       )
     _checks.check_mode(self.check_values)
+    if self.use_kernels not in (None, True, False):
+      raise ValueError(f"use_kernels: expected None, True or False, got {self.use_kernels!r}")
     if self.policy is not None:
       get_policy(self.policy)
       given = [f for f in _DTYPE_FIELDS if getattr(self, f) != _DEFAULTS[f]]
@@ -193,14 +204,9 @@ class HeadConfig:
     w = (math.isqrt(8 * tri + 1) - 1) // 2
     return w if w * (w + 1) // 2 == tri else None
 
-  def feature_fn(self, policy: Policy, outer_remat: bool = True) -> Callable[..., jax.Array]:
-    """`(tokens, graph, mask) -> [batch, F]`: the pipeline of docs/math.md
-    sections 1-6 under this configuration and remat policy. With
-    `outer_remat=False` the checkpoint around the whole pipeline is left to
-    the caller (the chunked projection puts it around pipeline and product)."""
-    remat_isqrt, ckpt = resolve_remat(self.remat_policy)
-    fn: Callable[..., jax.Array] = functools.partial(
-      pipeline,
+  def _pipeline_options(self, policy: Policy) -> dict[str, Any]:
+    """The keyword arguments of `ops.features.root_and_sketch` / `pipeline`."""
+    return dict(
       isqrt_iterations=self.isqrt_iterations,
       isqrt_normalization=self.isqrt_normalization,
       isqrt_method=self.isqrt_method,
@@ -212,12 +218,36 @@ class HeadConfig:
       moment_dtype=policy.moment_dtype,
       sqrt_dtype=policy.moment_dtype,
       precision=policy.matmul,
-      remat_isqrt=remat_isqrt,
+      remat_isqrt=resolve_remat(self.remat_policy)[0],
       check=_checks.check_mode(self.check_values),
     )
+
+  def feature_fn(self, policy: Policy, outer_remat: bool = True) -> Callable[..., jax.Array]:
+    """`(tokens, graph, mask) -> [batch, F]`: the pipeline of docs/math.md
+    sections 1-6 under this configuration and remat policy. With
+    `outer_remat=False` the checkpoint around the whole pipeline is left to
+    the caller (the chunked projection puts it around pipeline and product)."""
+    _, ckpt = resolve_remat(self.remat_policy)
+    fn: Callable[..., jax.Array] = functools.partial(pipeline, **self._pipeline_options(policy))
     if ckpt is not None and outer_remat:
       fn = jax.checkpoint(fn, policy=ckpt)
     return fn
+
+  def kernel_path(self, width: int) -> bool:
+    """Whether the projection runs as `kernels.triu_project` for tokens (after
+    `d_reduce`) of width `width`; see `use_kernels`."""
+    if self.isqrt_chunk is not None or self.use_kernels is False:
+      return False
+    if self.use_kernels:
+      return True
+    return jax.default_backend() == "gpu" and jax.device_count() == 1 and width < 2048
+
+  def parts_fn(self, policy: Policy) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
+    """`(tokens, graph, mask) -> (S, sketch or None)`: `feature_fn` before the
+    triangle (`ops.features.root_and_sketch`), for the kernel path."""
+    remat_isqrt, ckpt = resolve_remat(self.remat_policy)
+    fn: Callable[..., Any] = functools.partial(root_and_sketch, **self._pipeline_options(policy))
+    return jax.checkpoint(fn, policy=ckpt) if ckpt is not None else fn
 
   def chunk_remat(self) -> Callable[..., Any] | None:
     """The checkpoint policy around each chunk of the fused projection."""

@@ -131,6 +131,7 @@ RUNTIME_FIELDS = (
   "precision",
   "policy",
   "remat_policy",
+  "use_kernels",
   "isqrt_chunk",
   "check_values",
   "dropout_rate",

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -150,6 +150,23 @@ def pipeline(
   tokens: jax.Array,
   graph: jax.Array | None,
   mask: jax.Array | None,
+  **options: Any,
+) -> jax.Array:
+  """`moment_features` without its input checks, for callers that made them
+  once (the heads check a call's inputs before their remat and chunk
+  wrappers). `options` are `root_and_sketch`'s; `check` (a
+  `checks.check_mode`) adds the stage checks."""
+  s, v3 = root_and_sketch(tokens, graph, mask, **options)
+  feats = triu_vector(s)
+  if v3 is not None:
+    feats = jnp.concatenate([feats, v3.astype(feats.dtype)], axis=-1)
+  return checkpoint_name(feats, "features")
+
+
+def root_and_sketch(
+  tokens: jax.Array,
+  graph: jax.Array | None,
+  mask: jax.Array | None,
   *,
   isqrt_iterations: int,
   use_third_order: bool,
@@ -164,10 +181,11 @@ def pipeline(
   isqrt_method: str = "newton_schulz",
   isqrt_space: str = "auto",
   check: str | None = None,
-) -> jax.Array:
-  """`moment_features` without its input checks, for callers that made them
-  once (the heads check a call's inputs before their remat and chunk
-  wrappers). `check` is a `checks.check_mode`: the stage checks to add."""
+) -> tuple[jax.Array, jax.Array | None]:
+  """The pipeline up to the features: the square root `S` `[batch, dim, dim]`
+  (tagged "sqrtm") and, with the third order, the sketch `[batch, sketch_dim]`
+  (else None). `pipeline` makes the features from them; the Pallas
+  projection (`moment_jax.kernels.triu_project`) reads them directly."""
   dtype = (
     jnp.dtype(moment_dtype)
     if moment_dtype is not None
@@ -198,12 +216,10 @@ def pipeline(
       check,
     )
   s = checkpoint_name(checks.check_finite(s, "sqrtm", check), "sqrtm")
-
-  feats = triu_vector(s)
-  if use_third_order:
-    v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
-    feats = jnp.concatenate([feats, v3.astype(feats.dtype)], axis=-1)
-  return checkpoint_name(checks.check_finite(feats, "features", check), "features")
+  if not use_third_order:
+    return s, None
+  v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
+  return s, checks.check_finite(v3.astype(s.dtype), "features", check)
 
 
 def _channel_root(
