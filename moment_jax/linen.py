@@ -26,7 +26,8 @@ def _kernel_and_bias(module: nn.Module, in_features: int) -> tuple[jax.Array, ja
                         (in_features, module.features), module.param_dtype)
   bias = module.param("bias", nn.initializers.zeros_init(), (module.features,),
                       module.param_dtype)
-  return nn.dtypes.promote_dtype(kernel, bias, dtype=module.dtype)
+  kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=module.dtype)
+  return kernel, bias
 
 
 class Projection(nn.Module):
@@ -132,6 +133,7 @@ class MomentHead(nn.Module):
   policy: str | Policy | None = None
   remat_policy: str | Callable[..., Any] | None = None  # None: fastest, most memory
   isqrt_chunk: int | None = None
+  use_kernels: bool | None = None
   check_values: CheckValues = False
 
   @classmethod
@@ -194,8 +196,8 @@ class MomentHead(nn.Module):
     # The projection runs in the parameter dtype: casting its [F, d_out] kernel
     # (151M entries at D=768) to a bf16 compute dtype would add a copy of it to
     # the residuals and one to its gradient; casting the features is cheap.
-    proj_args = dict(dtype=pol.param_dtype, param_dtype=pol.param_dtype,
-                     precision=pol.matmul, name="proj")
+    proj_args: dict[str, Any] = dict(dtype=pol.param_dtype, param_dtype=pol.param_dtype,
+                                     precision=pol.matmul, name="proj")
     if cfg.isqrt_chunk is None:
       y = Projection(cfg.d_out, **proj_args)(cfg.feature_fn(pol)(x, graph, mask))
     else:

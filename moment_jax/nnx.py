@@ -144,7 +144,8 @@ class MomentHead(nnx.Module):
                            param_dtype=pol.param_dtype, precision=pol.matmul, rngs=rngs)
     self.norm = nnx.BatchNorm(cfg.d_out, use_running_average=False, momentum=0.9,
                               epsilon=1e-5, dtype=compute, param_dtype=pol.param_dtype,
-                              promote_dtype=_keep_dtypes, rngs=rngs)
+                              promote_dtype=_keep_dtypes,  # type: ignore[arg-type]
+                              rngs=rngs)
     self.dropout = nnx.Dropout(cfg.dropout_rate, deterministic=False, rngs=rngs)
     if cfg.mlp == "double":
       self.out = nnx.Linear(cfg.d_out, cfg.d_out, dtype=compute, param_dtype=pol.param_dtype,
