@@ -114,8 +114,14 @@ def floor(preset, b, fwd_bwd, ceil, precision, token=False):
 # -- JAX ----------------------------------------------------------------------
 
 
-def jax_times(preset, b, precision, space):
-  head = MomentHead.from_preset(preset, policy=precision, dropout_rate=0.0, isqrt_space=space)
+def jax_times(preset, b, precision, space, kernels="auto"):
+  head = MomentHead.from_preset(
+    preset,
+    policy=precision,
+    dropout_rate=0.0,
+    isqrt_space=space,
+    use_kernels=None if kernels == "auto" else kernels == "on",
+  )
   graph = grid_graph(SIDE, SIDE)
   shape = (b, N, D)
   v = jax.jit(lambda k: head.init(k, jnp.zeros(shape), graph, train=False))(jax.random.key(0))
@@ -197,6 +203,14 @@ def main():
     choices=list(gram.SPACES),
     help="isqrt_space of the JAX rows; torch rows go with the first",
   )
+  ap.add_argument(
+    "--kernels",
+    nargs="+",
+    default=["auto"],
+    choices=["auto", "on", "off"],
+    help="use_kernels of the JAX rows (auto: the Pallas projection on one GPU); "
+    "extra values add rows beside the first",
+  )
   args = ap.parse_args()
   dev = jax.devices()[0]
   if dev.platform != "gpu":
@@ -216,18 +230,18 @@ def main():
       for prec in args.precision:
         h = MomentHead.from_preset(preset)
         token = [ops.use_token_space(N, D, h.isqrt_iterations, sp) for sp in args.space]
-        r = dict(preset=preset, batch=b, precision=prec, space="token" if token[0] else "channel")
-        r["jax_fwd_ms"], r["jax_step_ms"] = (
-          1e3 * t for t in jax_times(preset, b, prec, args.space[0])
-        )
-        extra = []
-        for sp, tk in zip(args.space[1:], token[1:]):
-          extra.append(
-            dict(preset=preset, batch=b, precision=prec, space="token" if tk else "channel")
+        variants = [(sp, tk, kn) for sp, tk in zip(args.space, token) for kn in args.kernels]
+        rs = []
+        for sp, tk, kn in variants:
+          rs.append(
+            dict(
+              preset=preset, batch=b, precision=prec, space="token" if tk else "channel", kernels=kn
+            )
           )
-          extra[-1]["jax_fwd_ms"], extra[-1]["jax_step_ms"] = (
-            1e3 * t for t in jax_times(preset, b, prec, sp)
+          rs[-1]["jax_fwd_ms"], rs[-1]["jax_step_ms"] = (
+            1e3 * t for t in jax_times(preset, b, prec, sp, kn)
           )
+        r, extra = rs[0], rs[1:]
         if not args.no_torch:
           r["eager_fwd_ms"], r["eager_step_ms"] = (
             1e3 * t for t in torch_times(preset, b, prec, False)
@@ -250,7 +264,7 @@ def main():
           )
         save(args.out, dev, versions, ceil, rows, t0)  # a cut-off run keeps its rows
   hdr = (
-    f"{'preset':<10} {'B':>4} {'prec':<9} {'space':<7} | {'jax fwd':>8} {'eager':>8} "
+    f"{'preset':<10} {'B':>4} {'prec':<9} {'space/kern':<12} | {'jax fwd':>8} {'eager':>8} "
     f"{'compile':>8} {'floor':>7} | {'jax f+b':>8} {'eager':>8} {'compile':>8} "
     f"{'floor':>7} {'tfloor':>7} | {'jax/eager':>9} {'jax/comp':>8} {'/floor':>7} "
     f"{'/tfloor':>7}"
@@ -265,7 +279,8 @@ def main():
     ratio_e = r["jax_step_ms"] / r["eager_step_ms"] if "eager_step_ms" in r else float("nan")
     ratio_c = r["jax_step_ms"] / r["compile_step_ms"] if "compile_step_ms" in r else float("nan")
     print(
-      f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} {r['space']:<7} | "
+      f"{r['preset']:<10} {r['batch']:>4} {r['precision']:<9} "
+      f"{r['space'] + '/' + r.get('kernels', 'auto'):<12} | "
       f"{g(r, 'jax_fwd_ms')} {g(r, 'eager_fwd_ms')} {g(r, 'compile_fwd_ms')} "
       f"{r['floor_fwd_ms']:7.3f} | {g(r, 'jax_step_ms')} {g(r, 'eager_step_ms')} "
       f"{g(r, 'compile_step_ms')} {r['floor_step_ms']:7.3f} {r['tfloor_step_ms']:7.3f} | "

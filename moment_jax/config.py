@@ -18,8 +18,10 @@ import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
+from moment_jax.kernels.triu_project import is_highest
 from moment_jax.ops import _checks
 from moment_jax.ops.features import check_config, feature_size, pipeline, root_and_sketch
+from moment_jax.ops.project import _layout_mesh, per_device
 from moment_jax.precision import Policy, get_policy
 from moment_jax.remat import resolve_remat
 
@@ -78,9 +80,11 @@ class HeadConfig:
     use_kernels: run the projection's backward (and the triangle gather's
       transpose) as the Pallas kernel `moment_jax.kernels.triu_project`.
       None (default): on when JAX's backend is a GPU with one device, the
-      pipeline is not chunked (`isqrt_chunk=None`) and `d_reduce`/the width
-      is below 2048; False: the XLA path everywhere; True: the kernel
-      wherever the pipeline is not chunked (interpreted on a CPU: for tests).
+      pipeline is not chunked (`isqrt_chunk=None`), the width (after
+      `d_reduce`) is below 2048 and the matmul precision is below HIGHEST
+      (the tf32 and bfloat16 policies; docs/performance.md); False: the XLA
+      path everywhere; True: the kernel wherever the pipeline is not chunked
+      (interpreted on a CPU: for tests).
       Under several devices the kernel is off unless asked for, since the
       SPMD partitioner cannot split a custom kernel.
     check_values: check finite tokens, non-negative graph, non-empty mask rows
@@ -231,16 +235,28 @@ class HeadConfig:
     fn: Callable[..., jax.Array] = functools.partial(pipeline, **self._pipeline_options(policy))
     if ckpt is not None and outer_remat:
       fn = jax.checkpoint(fn, policy=ckpt)
-    return fn
+    # Under a sharding layout, run per device (the chunked path already does).
+    return per_device(fn) if outer_remat else fn
 
-  def kernel_path(self, width: int) -> bool:
+  def kernel_path(self, width: int, policy: Policy | None = None) -> bool:
     """Whether the projection runs as `kernels.triu_project` for tokens (after
-    `d_reduce`) of width `width`; see `use_kernels`."""
-    if self.isqrt_chunk is not None or self.use_kernels is False:
+    `d_reduce`) of width `width` under `policy` (default: the resolved one);
+    see `use_kernels`."""
+    # A custom kernel cannot be split by the SPMD partitioner: under a layout
+    # it would gather the weight, so the layout's constraints win.
+    if self.isqrt_chunk is not None or self.use_kernels is False or _layout_mesh() is not None:
       return False
     if self.use_kernels:
       return True
-    return jax.default_backend() == "gpu" and jax.device_count() == 1 and width < 2048
+    # At HIGHEST precision Triton's products are three TF32 passes, not XLA's
+    # float32 ones: close (1e-6) but not equal, so "auto" leaves float32 to XLA.
+    matmul = (policy or self.resolved_policy()).matmul
+    return (
+      jax.default_backend() == "gpu"
+      and jax.device_count() == 1
+      and width < 2048
+      and not is_highest(matmul)
+    )
 
   def parts_fn(self, policy: Policy) -> Callable[..., tuple[jax.Array, jax.Array | None]]:
     """`(tokens, graph, mask) -> (S, sketch or None)`: `feature_fn` before the

@@ -12,20 +12,21 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
 from moment_jax.config import CheckValues, HeadConfig, Method, Mlp, Normalization, Space
+from moment_jax.kernels import triu_project
 from moment_jax.ops import _checks
 from moment_jax.ops.features import feature_size
 from moment_jax.ops.project import project, project_chunked
 from moment_jax.precision import Policy
 
-__all__ = ["ChunkedProjection", "MomentHead", "Projection"]
+__all__ = ["ChunkedProjection", "MomentHead", "Projection", "TriangleProjection"]
 
 
 def _kernel_and_bias(module: nn.Module, in_features: int) -> tuple[jax.Array, jax.Array]:
   """`nn.Dense`'s parameters (names, shapes, initialisers), promoted to `module.dtype`."""
-  kernel = module.param("kernel", nn.initializers.lecun_normal(),
-                        (in_features, module.features), module.param_dtype)
-  bias = module.param("bias", nn.initializers.zeros_init(), (module.features,),
-                      module.param_dtype)
+  kernel = module.param(
+    "kernel", nn.initializers.lecun_normal(), (in_features, module.features), module.param_dtype
+  )
+  bias = module.param("bias", nn.initializers.zeros_init(), (module.features,), module.param_dtype)
   kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=module.dtype)
   return kernel, bias
 
@@ -35,7 +36,9 @@ class Projection(nn.Module):
 
   Same parameters (names, shapes, initialisers) as `nn.Dense(features)` on
   `[batch, F]` inputs; the product is `ops.project`, which keeps XLA:GPU from
-  materialising a padded copy of the `[F, d_out]` kernel.
+  materialising a padded copy of the `[F, d_out]` kernel. Its arrays carry
+  logical axis names (`ops.project.KERNEL_AXES` for the kernel), which
+  `moment_jax.sharding.head_rules` lays out on a mesh.
 
   Attributes:
     features: output width.
@@ -52,6 +55,31 @@ class Projection(nn.Module):
     """`[batch, F]` -> `[batch, features]`."""
     kernel, bias = _kernel_and_bias(self, x.shape[-1])
     return project(x, kernel, bias, self.precision)
+
+
+class TriangleProjection(nn.Module):
+  """`Projection` applied to the square root itself: `triu_vector(S)` (and the
+  sketch after it) times the kernel by `moment_jax.kernels.triu_project`, whose
+  Pallas backward reads each kernel tile once for both cotangents and never
+  builds the `[batch, F]` features. The same parameters as `Projection`.
+
+  Attributes:
+    features: output width.
+    dtype, param_dtype, precision: as `nn.Dense`.
+  """
+
+  features: int
+  dtype: Dtype | None = None
+  param_dtype: Dtype = jnp.float32
+  precision: PrecisionLike = None
+
+  @nn.compact
+  def __call__(self, s: jax.Array, extra: jax.Array | None = None) -> jax.Array:
+    """`s` `[batch, dim, dim]`, `extra` `[batch, e]` -> `[batch, features]`."""
+    dim = s.shape[-1]
+    in_features = dim * (dim + 1) // 2 + (0 if extra is None else extra.shape[-1])
+    kernel, bias = _kernel_and_bias(self, in_features)
+    return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
 
 
 class ChunkedProjection(nn.Module):
@@ -74,13 +102,27 @@ class ChunkedProjection(nn.Module):
   precision: PrecisionLike = None
 
   @nn.compact
-  def __call__(self, feature_fn: Callable[..., jax.Array], tokens: jax.Array,
-               graph: jax.Array | None = None, mask: jax.Array | None = None,
-               remat: Callable[..., Any] | None = None) -> jax.Array:
+  def __call__(
+    self,
+    feature_fn: Callable[..., jax.Array],
+    tokens: jax.Array,
+    graph: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    remat: Callable[..., Any] | None = None,
+  ) -> jax.Array:
     """`feature_fn(tokens, graph, mask) @ kernel + bias`, chunk by chunk."""
     kernel, bias = _kernel_and_bias(self, self.in_features)
-    return project_chunked(feature_fn, kernel, bias, tokens, graph, mask, chunk=self.chunk,
-                           remat=remat, precision=self.precision)
+    return project_chunked(
+      feature_fn,
+      kernel,
+      bias,
+      tokens,
+      graph,
+      mask,
+      chunk=self.chunk,
+      remat=remat,
+      precision=self.precision,
+    )
 
 
 class MomentHead(nn.Module):
@@ -175,20 +217,28 @@ class MomentHead(nn.Module):
       return
     if built != width:
       raise ValueError(
-          f"tokens: width (last axis) {width} differs from the width {built} "
-          f"the parameters were built for")
+        f"tokens: width (last axis) {width} differs from the width {built} "
+        f"the parameters were built for"
+      )
 
   @nn.compact
-  def __call__(self, tokens: jax.Array, graph: jax.Array | None = None,
-               mask: jax.Array | None = None, *, train: bool) -> jax.Array:
+  def __call__(
+    self,
+    tokens: jax.Array,
+    graph: jax.Array | None = None,
+    mask: jax.Array | None = None,
+    *,
+    train: bool,
+  ) -> jax.Array:
     """Applies the head: `[batch, tokens, dim]` -> `[batch, d_out]`."""
     cfg = self.config
     cfg.validate()
     _checks.check_call(tokens, graph, mask, values=cfg.check_values)
     self._check_width(cfg, tokens.shape[-1])
     pol = cfg.resolved_policy(tokens.dtype)
-    dense = functools.partial(nn.Dense, dtype=pol.compute_dtype,
-                              param_dtype=pol.param_dtype, precision=pol.matmul)
+    dense = functools.partial(
+      nn.Dense, dtype=pol.compute_dtype, param_dtype=pol.param_dtype, precision=pol.matmul
+    )
 
     x = tokens.astype(pol.compute_dtype)
     if cfg.d_reduce is not None:
@@ -196,19 +246,30 @@ class MomentHead(nn.Module):
     # The projection runs in the parameter dtype: casting its [F, d_out] kernel
     # (151M entries at D=768) to a bf16 compute dtype would add a copy of it to
     # the residuals and one to its gradient; casting the features is cheap.
-    proj_args: dict[str, Any] = dict(dtype=pol.param_dtype, param_dtype=pol.param_dtype,
-                                     precision=pol.matmul, name="proj")
-    if cfg.isqrt_chunk is None:
+    proj_args: dict[str, Any] = dict(
+      dtype=pol.param_dtype, param_dtype=pol.param_dtype, precision=pol.matmul, name="proj"
+    )
+    if cfg.kernel_path(x.shape[-1], pol):
+      y = TriangleProjection(cfg.d_out, **proj_args)(*cfg.parts_fn(pol)(x, graph, mask))
+    elif cfg.isqrt_chunk is None:
       y = Projection(cfg.d_out, **proj_args)(cfg.feature_fn(pol)(x, graph, mask))
     else:
-      proj = ChunkedProjection(cfg.d_out, feature_size(x.shape[-1], cfg.use_third_order,
-                                                       cfg.sketch_dim),
-                               cfg.isqrt_chunk, **proj_args)
+      proj = ChunkedProjection(
+        cfg.d_out,
+        feature_size(x.shape[-1], cfg.use_third_order, cfg.sketch_dim),
+        cfg.isqrt_chunk,
+        **proj_args,
+      )
       y = proj(cfg.feature_fn(pol, outer_remat=False), x, graph, mask, cfg.chunk_remat())
     y = y.astype(pol.compute_dtype)
-    y = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5,
-                     dtype=pol.compute_dtype, param_dtype=pol.param_dtype,
-                     name="norm")(y)
+    y = nn.BatchNorm(
+      use_running_average=not train,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=pol.compute_dtype,
+      param_dtype=pol.param_dtype,
+      name="norm",
+    )(y)
     y = nn.gelu(y, approximate=False)
     y = nn.Dropout(cfg.dropout_rate, deterministic=not train)(y)
     if cfg.mlp == "double":

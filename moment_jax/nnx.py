@@ -18,6 +18,7 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import _trees
 from moment_jax.config import FIELDS, HeadConfig
+from moment_jax.kernels import triu_project
 from moment_jax.ops import _checks
 from moment_jax.ops.project import project, project_chunked
 
@@ -27,8 +28,9 @@ __all__ = ["MomentHead", "Projection", "linen_to_nnx", "nnx_to_linen"]
 CONFIG_FIELDS: tuple[str, ...] = FIELDS
 
 
-def _keep_dtypes(args: tuple[Any, ...], *, dtype: Dtype | None = None,
-                 inexact: bool = True) -> tuple[Any, ...]:
+def _keep_dtypes(
+  args: tuple[Any, ...], *, dtype: Dtype | None = None, inexact: bool = True
+) -> tuple[Any, ...]:
   """`promote_dtype` stand-in for `nnx.BatchNorm` that casts nothing.
 
   Linen's BatchNorm keeps its float32 statistics, scale and bias as they are
@@ -44,7 +46,9 @@ class Projection(nnx.Module):
   """The head's `Dense(F -> d_out)`, as `moment_jax.linen.Projection`.
 
   Parameters `kernel [F, d_out]` (LeCun normal) and `bias [d_out]` (zeros);
-  `__call__` is `ops.project`, `chunked` is `ops.project_chunked`.
+  `__call__` is `ops.project`, `chunked` is `ops.project_chunked`, both laid
+  out on a mesh by the logical names of `ops.project` under
+  `moment_jax.sharding.use_layout` (the state's path rules: `head_rules`).
 
   Args:
     in_features: `F`.
@@ -53,16 +57,24 @@ class Projection(nnx.Module):
     rngs: draws the kernel from the `params` stream.
   """
 
-  def __init__(self, in_features: int, features: int, *, dtype: Dtype | None = None,
-               param_dtype: Dtype = jnp.float32, precision: PrecisionLike = None,
-               rngs: nnx.Rngs):
+  def __init__(
+    self,
+    in_features: int,
+    features: int,
+    *,
+    dtype: Dtype | None = None,
+    param_dtype: Dtype = jnp.float32,
+    precision: PrecisionLike = None,
+    rngs: nnx.Rngs,
+  ):
     self.in_features = in_features
     self.features = features
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
-    self.kernel = nnx.Param(nnx.initializers.lecun_normal()(
-        rngs.params(), (in_features, features), param_dtype))
+    self.kernel = nnx.Param(
+      nnx.initializers.lecun_normal()(rngs.params(), (in_features, features), param_dtype)
+    )
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
 
   def _weights(self) -> tuple[jax.Array, jax.Array]:
@@ -73,13 +85,35 @@ class Projection(nnx.Module):
     kernel, bias = self._weights()
     return project(x, kernel, bias, self.precision)
 
-  def chunked(self, feature_fn: Callable[..., jax.Array], tokens: jax.Array,
-              graph: jax.Array | None, mask: jax.Array | None, *, chunk: int,
-              remat: Callable[..., Any] | None = None) -> jax.Array:
+  def triangle(self, s: jax.Array, extra: jax.Array | None = None) -> jax.Array:
+    """`triu_vector(s)` (then `extra`) times the kernel, by the Pallas kernel
+    `moment_jax.kernels.triu_project` (as `moment_jax.linen.TriangleProjection`)."""
+    kernel, bias = self._weights()
+    return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
+
+  def chunked(
+    self,
+    feature_fn: Callable[..., jax.Array],
+    tokens: jax.Array,
+    graph: jax.Array | None,
+    mask: jax.Array | None,
+    *,
+    chunk: int,
+    remat: Callable[..., Any] | None = None,
+  ) -> jax.Array:
     """`feature_fn(tokens, graph, mask)` and the product, `chunk` samples at a time."""
     kernel, bias = self._weights()
-    return project_chunked(feature_fn, kernel, bias, tokens, graph, mask, chunk=chunk,
-                           remat=remat, precision=self.precision)
+    return project_chunked(
+      feature_fn,
+      kernel,
+      bias,
+      tokens,
+      graph,
+      mask,
+      chunk=chunk,
+      remat=remat,
+      precision=self.precision,
+    )
 
 
 class MomentHead(nnx.Module):
@@ -120,8 +154,7 @@ class MomentHead(nnx.Module):
     Maps", KDD 2013.
   """
 
-  def __init__(self, d_in: int, config: HeadConfig | None = None, *, rngs: nnx.Rngs,
-               **fields: Any):
+  def __init__(self, d_in: int, config: HeadConfig | None = None, *, rngs: nnx.Rngs, **fields: Any):
     _checks.check_int("d_in", d_in)
     unknown = sorted(set(fields) - set(FIELDS))
     if unknown:
@@ -138,22 +171,45 @@ class MomentHead(nnx.Module):
     pol = cfg.resolved_policy()
     compute = pol.compute_dtype if explicit else None
     if cfg.d_reduce is not None:
-      self.reduce = nnx.Linear(d_in, cfg.d_reduce, dtype=compute, param_dtype=pol.param_dtype,
-                               precision=pol.matmul, rngs=rngs)
-    self.proj = Projection(cfg.feature_size(d_in), cfg.d_out, dtype=pol.param_dtype,
-                           param_dtype=pol.param_dtype, precision=pol.matmul, rngs=rngs)
-    self.norm = nnx.BatchNorm(cfg.d_out, use_running_average=False, momentum=0.9,
-                              epsilon=1e-5, dtype=compute, param_dtype=pol.param_dtype,
-                              promote_dtype=_keep_dtypes,  # type: ignore[arg-type]
-                              rngs=rngs)
+      self.reduce = nnx.Linear(
+        d_in,
+        cfg.d_reduce,
+        dtype=compute,
+        param_dtype=pol.param_dtype,
+        precision=pol.matmul,
+        rngs=rngs,
+      )
+    self.proj = Projection(
+      cfg.feature_size(d_in),
+      cfg.d_out,
+      dtype=pol.param_dtype,
+      param_dtype=pol.param_dtype,
+      precision=pol.matmul,
+      rngs=rngs,
+    )
+    self.norm = nnx.BatchNorm(
+      cfg.d_out,
+      use_running_average=False,
+      momentum=0.9,
+      epsilon=1e-5,
+      dtype=compute,
+      param_dtype=pol.param_dtype,
+      promote_dtype=_keep_dtypes,  # type: ignore[arg-type]
+      rngs=rngs,
+    )
     self.dropout = nnx.Dropout(cfg.dropout_rate, deterministic=False, rngs=rngs)
     if cfg.mlp == "double":
-      self.out = nnx.Linear(cfg.d_out, cfg.d_out, dtype=compute, param_dtype=pol.param_dtype,
-                            precision=pol.matmul, rngs=rngs)
+      self.out = nnx.Linear(
+        cfg.d_out,
+        cfg.d_out,
+        dtype=compute,
+        param_dtype=pol.param_dtype,
+        precision=pol.matmul,
+        rngs=rngs,
+      )
 
   @classmethod
-  def from_preset(cls, name: str, d_in: int, *, rngs: nnx.Rngs,
-                  **overrides: Any) -> MomentHead:
+  def from_preset(cls, name: str, d_in: int, *, rngs: nnx.Rngs, **overrides: Any) -> MomentHead:
     """A head configured as preset `name` (see `moment_jax.presets`), with overrides."""
     return cls(d_in, HeadConfig.from_preset(name, **overrides), rngs=rngs)
 
@@ -164,25 +220,35 @@ class MomentHead(nnx.Module):
       return getattr(cfg, name)
     raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-  def __call__(self, tokens: jax.Array, graph: jax.Array | None = None,
-               mask: jax.Array | None = None) -> jax.Array:
+  def __call__(
+    self, tokens: jax.Array, graph: jax.Array | None = None, mask: jax.Array | None = None
+  ) -> jax.Array:
     """Applies the head: `[batch, tokens, dim]` -> `[batch, d_out]`."""
     cfg = self.config
     _checks.check_call(tokens, graph, mask, values=cfg.check_values)
     if tokens.shape[-1] != self.d_in:
       raise ValueError(
-          f"tokens: width (last axis) {tokens.shape[-1]} differs from d_in={self.d_in} "
-          f"the parameters were built for")
+        f"tokens: width (last axis) {tokens.shape[-1]} differs from d_in={self.d_in} "
+        f"the parameters were built for"
+      )
     pol = cfg.resolved_policy(tokens.dtype)
 
     x = tokens.astype(pol.compute_dtype)
     if cfg.d_reduce is not None:
       x = self.reduce(x)
-    if cfg.isqrt_chunk is None:
+    if cfg.kernel_path(x.shape[-1], pol):
+      y = self.proj.triangle(*cfg.parts_fn(pol)(x, graph, mask))
+    elif cfg.isqrt_chunk is None:
       y = self.proj(cfg.feature_fn(pol)(x, graph, mask))
     else:
-      y = self.proj.chunked(cfg.feature_fn(pol, outer_remat=False), x, graph, mask,
-                            chunk=cfg.isqrt_chunk, remat=cfg.chunk_remat())
+      y = self.proj.chunked(
+        cfg.feature_fn(pol, outer_remat=False),
+        x,
+        graph,
+        mask,
+        chunk=cfg.isqrt_chunk,
+        remat=cfg.chunk_remat(),
+      )
     y = self.norm(y.astype(pol.compute_dtype))
     y = nnx.gelu(y, approximate=False)
     y = self.dropout(y)
@@ -218,9 +284,10 @@ def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
     state = nnx.state(model, kind)
     new = jax.tree.map(lambda x: x, dict(variables[collection]))
     _trees.check_entries(
-        f"variables[{collection!r}]: does not match the NNX head; nothing was loaded:",
-        {k: _shape_dtype(v) for k, v in _trees.flat(new).items()},
-        {k: _shape_dtype(v) for k, v in _trees.flat(nnx.to_pure_dict(state)).items()})
+      f"variables[{collection!r}]: does not match the NNX head; nothing was loaded:",
+      {k: _shape_dtype(v) for k, v in _trees.flat(new).items()},
+      {k: _shape_dtype(v) for k, v in _trees.flat(nnx.to_pure_dict(state)).items()},
+    )
     nnx.replace_by_pure_dict(state, new)
     updates.append(state)
   nnx.update(model, *updates)
@@ -233,5 +300,7 @@ def nnx_to_linen(model: MomentHead) -> dict[str, Any]:
   `moment_jax.MomentHead.from_config(model.config).apply(nnx_to_linen(model),
   tokens, train=...)` gives the NNX head's numbers.
   """
-  return {"params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
-          "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))}
+  return {
+    "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
+    "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
+  }

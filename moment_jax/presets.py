@@ -32,6 +32,7 @@ PRESETS: types.MappingProxyType = types.MappingProxyType(
 
 PRESET_NAMES: tuple[str, ...] = ("original", "optimized", "balanced", "memory", "performance")
 
+
 def preset(name: str) -> dict[str, Any]:
   """The keyword arguments of preset `name` (a fresh, mutable copy)."""
   if name not in PRESETS:

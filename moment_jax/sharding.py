@@ -19,14 +19,15 @@ preset at D=768) and of its Adam moments:
   its own rows. The recommended layout for data parallelism on 2 or more
   devices (docs/performance.md has the numbers).
 
-Example:
-  >>> mesh = make_mesh(data=8)                           # 8 devices
-  >>> rules = head_rules("rows")
-  >>> shardings = tree_shardings(state, mesh, rules)     # params and optimizer state
-  >>> with use_layout(mesh, rules):                      # trace inside: the constraints
-  ...   step = jax.jit(train_step, in_shardings=(shardings, batch_sharding(mesh)),
-  ...                  out_shardings=(shardings, replicated(mesh)))
-  ...   state, loss = step(state, batch)
+Example (a training step; `state`, `train_step` and `batch` are yours)::
+
+  mesh = make_mesh(data=8)                            # 8 devices
+  rules = head_rules("rows")
+  shardings = tree_shardings(state, mesh, rules)      # params and optimizer state
+  step = layout_jit(train_step, mesh, rules,          # traced under the layout
+                    in_shardings=(shardings, batch_sharding(mesh)),
+                    out_shardings=(shardings, replicated(mesh)))
+  state, loss = step(jax.device_put(state, shardings), batch)
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import math
 import re
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Callable, Iterator, Literal, Sequence
 
 import flax.linen as nn
 import jax
@@ -45,12 +47,29 @@ from jax.sharding import PartitionSpec as P
 
 from moment_jax._trees import key_str
 from moment_jax.ops import _checks
-from moment_jax.ops.project import BATCH, KERNEL_AXES, PROJ_BATCH, PROJ_IN, PROJ_OUT
+from moment_jax.ops.project import BATCH, KERNEL_AXES, PROJ_BATCH, PROJ_IN, PROJ_OUT, mesh_spec
 
 __all__ = [
-    "AXES", "HEAD_RULES", "LAYOUTS", "Collective", "HeadRules", "Layout", "batch_sharding",
-    "bytes_per_device", "collectives", "head_rules", "make_mesh", "parse_mesh",
-    "partition_specs", "path_str", "replicated", "tree_shardings", "use_layout", "wire_bytes",
+  "AXES",
+  "HEAD_RULES",
+  "KINDS",
+  "LAYOUTS",
+  "Collective",
+  "HeadRules",
+  "Layout",
+  "batch_sharding",
+  "bytes_per_device",
+  "collectives",
+  "head_rules",
+  "layout_jit",
+  "make_mesh",
+  "parse_mesh",
+  "partition_specs",
+  "path_str",
+  "replicated",
+  "tree_shardings",
+  "use_layout",
+  "wire_bytes",
 ]
 
 AXES: tuple[str, str] = ("data", "model")
@@ -63,9 +82,9 @@ LogicalRules = tuple[tuple[str, str | None], ...]
 # model splits the batch; "proj_batch" and "proj_in" are where the features
 # meet the kernel: with "rows" the batch is whole there and F is split.
 _LOGICAL: dict[str, LogicalRules] = {
-    "replicated": ((BATCH, "data"), (PROJ_BATCH, "data"), (PROJ_IN, None), (PROJ_OUT, None)),
-    "columns": ((BATCH, "data"), (PROJ_BATCH, "data"), (PROJ_IN, None), (PROJ_OUT, "model")),
-    "rows": ((BATCH, "data"), (PROJ_BATCH, None), (PROJ_IN, "data"), (PROJ_OUT, "model")),
+  "replicated": ((BATCH, "data"), (PROJ_BATCH, "data"), (PROJ_IN, None), (PROJ_OUT, None)),
+  "columns": ((BATCH, "data"), (PROJ_BATCH, "data"), (PROJ_IN, None), (PROJ_OUT, "model")),
+  "rows": ((BATCH, "data"), (PROJ_BATCH, None), (PROJ_IN, "data"), (PROJ_OUT, "model")),
 }
 # The kernel's path in a variable tree (Linen `params`, NNX state, optax
 # state: the regex also matches Adam's mu and nu copies of it).
@@ -94,12 +113,13 @@ def head_rules(layout: Layout) -> HeadRules:
   """The rules of `layout`: "replicated", "columns" or "rows" (see the module docstring).
 
   Example:
-    >>> head_rules("rows").params
-    (('(^|/)proj/kernel(/value)?$', PartitionSpec('data', 'model')),)
+    >>> rules = head_rules("rows")
+    >>> rules.params[0][1] == P("data", "model"), dict(rules.logical)["proj_in"]
+    (True, 'data')
   """
   _checks.check_choice("layout", layout, LAYOUTS)
   logical = _LOGICAL[layout]
-  spec = nn.logical_to_mesh_axes(KERNEL_AXES, logical)
+  spec = mesh_spec(KERNEL_AXES, logical)
   params = () if all(a is None for a in spec) else ((_KERNEL_PATH, spec),)
   return HeadRules(layout, logical, params)
 
@@ -121,6 +141,21 @@ def use_layout(mesh: Mesh, rules: HeadRules | Layout) -> Iterator[None]:
     yield
 
 
+def layout_jit(
+  fn: Callable[..., Any], mesh: Mesh, rules: HeadRules | Layout, **jit_kwargs: Any
+) -> Callable[..., Any]:
+  """`jax.jit(fn, **jit_kwargs)`, called inside `use_layout(mesh, rules)` every
+  time, so whichever call traces it sees the layout's constraints."""
+  jitted = jax.jit(fn, **jit_kwargs)
+
+  @functools.wraps(fn)
+  def call(*args: Any, **kwargs: Any) -> Any:
+    with use_layout(mesh, rules):
+      return jitted(*args, **kwargs)
+
+  return call
+
+
 def parse_mesh(spec: str) -> tuple[int, int]:
   """`"2x4"` -> `(2, 4)`: the sizes of the "data" and "model" axes."""
   m = re.fullmatch(r"\s*(\d+)\s*x\s*(\d+)\s*", spec)
@@ -129,8 +164,9 @@ def parse_mesh(spec: str) -> tuple[int, int]:
   return int(m.group(1)), int(m.group(2))
 
 
-def make_mesh(data: int | None = None, model: int = 1,
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+  data: int | None = None, model: int = 1, devices: Sequence[Any] | None = None
+) -> Mesh:
   """A `Mesh` of shape `[data, model]` with axes ("data", "model").
 
   Args:
@@ -146,10 +182,12 @@ def make_mesh(data: int | None = None, model: int = 1,
   _checks.check_int("data", data)
   if data * model > len(devices):
     raise ValueError(
-        f"mesh: {data}x{model} needs {data * model} devices, {len(devices)} available "
-        f"(on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)")
-  return jax.make_mesh((data, model), AXES, axis_types=(AxisType.Auto,) * 2,
-                       devices=devices[:data * model])
+      f"mesh: {data}x{model} needs {data * model} devices, {len(devices)} available "
+      f"(on CPU, simulate more with XLA_FLAGS=--xla_force_host_platform_device_count=N)"
+    )
+  return jax.make_mesh(
+    (data, model), AXES, axis_types=(AxisType.Auto,) * 2, devices=devices[: data * model]
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -189,6 +227,7 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: PathRules | HeadRules = HEAD_RU
   Raises `ValueError` when a rule names more axes than a leaf has, or a
   split dimension is not divisible by its mesh axes' size.
   """
+
   def sharding(path, leaf, spec):
     shape = getattr(leaf, "shape", ())
     if len(spec) > len(shape):
@@ -199,8 +238,9 @@ def tree_shardings(tree: Any, mesh: Mesh, rules: PathRules | HeadRules = HEAD_RU
       size = math.prod(mesh.shape[a] for a in (axes if isinstance(axes, tuple) else (axes,)))
       if dim % size:
         raise ValueError(
-            f"{path_str(path)}: dimension {dim} of shape {shape} is not divisible by "
-            f"mesh axes {axes} of size {size}")
+          f"{path_str(path)}: dimension {dim} of shape {shape} is not divisible by "
+          f"mesh axes {axes} of size {size}"
+        )
     return NamedSharding(mesh, spec)
 
   specs = partition_specs(tree, rules)
@@ -220,19 +260,45 @@ def bytes_per_device(tree: Any, shardings: Any) -> int:
 
 # -- reading collectives back from compiled HLO ---------------------------------
 
-KINDS: tuple[str, ...] = ("all-reduce", "all-gather", "reduce-scatter", "all-to-all",
-                          "collective-permute")
+KINDS: tuple[str, ...] = (
+  "all-reduce",
+  "all-gather",
+  "reduce-scatter",
+  "all-to-all",
+  "collective-permute",
+)
 # Bytes each device sends per byte of `Collective.bytes`, with ring algorithms on n devices.
-_WIRE = {"all-reduce": lambda n: 2 * (n - 1) / n, "all-gather": lambda n: (n - 1) / n,
-         "reduce-scatter": lambda n: (n - 1) / n, "all-to-all": lambda n: (n - 1) / n,
-         "collective-permute": lambda n: 1.0}
-_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_WIRE = {
+  "all-reduce": lambda n: 2 * (n - 1) / n,
+  "all-gather": lambda n: (n - 1) / n,
+  "reduce-scatter": lambda n: (n - 1) / n,
+  "all-to-all": lambda n: (n - 1) / n,
+  "collective-permute": lambda n: 1.0,
+}
+_DTYPE_BYTES = {
+  "pred": 1,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+}
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 _COMPUTATION = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][a-z\-]*)\(")
-_CALLEES = re.compile(r"\b(calls|body|condition|to_apply|true_computation|false_computation)"
-                      r"=%?([\w.\-]+)")
+_CALLEES = re.compile(
+  r"\b(calls|body|condition|to_apply|true_computation|false_computation)"
+  r"=%?([\w.\-]+)"
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,8 +328,11 @@ class Collective:
 
 
 def _array_bytes(shape: str) -> list[int]:
-  return [math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
-          for dtype, dims in _ARRAY.findall(shape) if dtype in _DTYPE_BYTES]
+  return [
+    math.prod(int(d) for d in dims.split(",") if d) * _DTYPE_BYTES[dtype]
+    for dtype, dims in _ARRAY.findall(shape)
+    if dtype in _DTYPE_BYTES
+  ]
 
 
 def _group_size(line: str, devices: int) -> int:
@@ -327,7 +396,7 @@ def collectives(hlo_text: str, devices: int) -> list[Collective]:
         continue
       sizes = _array_bytes(shape)
       if op.endswith("-start") and kind == "all-gather":  # (operands..., results...)
-        sizes = sizes[len(sizes) // 2:]
+        sizes = sizes[len(sizes) // 2 :]
       elif op.endswith("-start") and kind == "collective-permute":  # (operand, result, ...)
         sizes = sizes[:1]
       group = _group_size(line, devices)
@@ -351,8 +420,12 @@ def collectives(hlo_text: str, devices: int) -> list[Collective]:
   for name in reversed(order):
     for callee, loop in calls.get(name, ()):
       runs[callee] += runs[name] * loop
-  return [Collective(kind, size, group, runs[name], text)
-          for name, items in found.items() for kind, size, group, text in items if runs[name]]
+  return [
+    Collective(kind, size, group, runs[name], text)
+    for name, items in found.items()
+    for kind, size, group, text in items
+    if runs[name]
+  ]
 
 
 def wire_bytes(ops: Sequence[Collective]) -> float:

@@ -1,0 +1,577 @@
+"""The head's projection with the upper triangle folded in: `triu_vector(S) @ W + b`.
+
+The XLA path gathers the triangle into `[batch, F]` features (F = D(D+1)/2),
+writes them to memory, reads them back for the product and, in the backward,
+scatter-adds their cotangent into `[batch, D, D]`. Here the packed rows of W
+are walked in tiles of `k` consecutive rows; each kernel computes the flat
+offset `i * D + j` of every packed row from its index (a square root and a
+correction, no table), gathers that tile of features from S straight into
+the product and scatters its cotangent straight into the cotangent of S:
+the backward never builds the `[batch, F]` features or their cotangent, and
+the forward kernel never builds the features.
+
+Forward (`forward="kernel"`): split-K over groups of tiles, one `[m, n]`
+partial sum per group, summed (and the bias added) outside. It is slower
+than XLA's gather and product on an H100, so the default `forward="xla"`
+runs the XLA forward and only the backward here. Backward, when the batch
+fits one block: one program per tile reads the tile of W once and writes both the
+tile of dW (`f_tile^T dy`) and the tile's share of dS (`dy W_tile^T`, upper
+triangle, plus its share of the zeros below the diagonal). For larger
+batches that program would re-read its W tile and re-write its dW tile once
+per batch block, so the backward splits into a dW kernel (programs over
+tiles x output blocks, looping over the batch) and a dS kernel (tiles x
+batch blocks, looping over the outputs); W is still read once, by the dS
+kernel alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+from flax.typing import PrecisionLike
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from moment_jax.ops import split_matmul, triu_vector
+
+# Triton's tensor-core dot needs every block dimension to be at least 16.
+_MIN_DOT_BLOCK = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+  """Block sizes and launch settings of the kernels.
+
+  Every size is a power of two (Triton's blocks); compiled on a GPU, the
+  `m`, `n` and `k` sizes must be at least 16 (the tensor-core dot).
+
+  Attributes:
+    fwd_m, fwd_n, fwd_k: forward block of batch rows, output columns and
+      packed rows (one step of a program's loop).
+    fwd_programs: target program count of the forward; sets the number of
+      split-K groups (output blocks x groups ~ this).
+    bwd_m, bwd_n, bwd_k: backward block of batch rows, output columns and
+      packed rows.
+    bwd_split: None: the fused backward when the batch fits one `bwd_m`
+      block, the split one (a dW and a dS kernel) otherwise; True/False force.
+    fwd_warps, bwd_warps, stages: Triton's `num_warps` and `num_stages`.
+  """
+
+  fwd_m: int = 64
+  fwd_n: int = 128
+  fwd_k: int = 64
+  fwd_programs: int = 528
+  bwd_m: int = 64
+  bwd_n: int = 64
+  bwd_k: int = 64
+  bwd_split: bool | None = None
+  fwd_warps: int = 4
+  bwd_warps: int = 4
+  stages: int = 3
+
+  def check(self, compiled: bool) -> None:
+    for f in ("fwd_m", "fwd_n", "fwd_k", "bwd_m", "bwd_n", "bwd_k"):
+      v = getattr(self, f)
+      if v < 1 or v & (v - 1):
+        raise ValueError(f"tiles.{f}: expected a power of two, got {v}")
+      if compiled and v < _MIN_DOT_BLOCK:
+        raise ValueError(
+          f"tiles.{f}: expected at least {_MIN_DOT_BLOCK} for the compiled GPU kernel "
+          f"(Triton's dot), got {v}"
+        )
+    if self.fwd_programs < 1:
+      raise ValueError(f"tiles.fwd_programs: expected >= 1, got {self.fwd_programs}")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """Static shapes, dtypes and launch of one call (custom_vjp's static argument)."""
+
+  batch: int
+  dim: int
+  extra: int  # sketch_dim of the trailing feature block, 0 without one
+  d_out: int
+  mm_dtype: Any  # the kernel's dtype: features are cast to it, as in the XLA path
+  bias_dtype: Any
+  precision: Any  # as given to lax.dot_general inside the kernels
+  xla_precision: Any  # the caller's, for the XLA forward
+  forward: str  # "xla" | "kernel"
+  interpret: bool
+  tiles: Tiles
+
+  @property
+  def tri(self) -> int:
+    return self.dim * (self.dim + 1) // 2
+
+  @property
+  def rows(self) -> int:
+    return self.tri + self.extra
+
+  @property
+  def fwd_blocks(self) -> tuple[int, int, int, int]:
+    """(output-column blocks, batch blocks, split-K groups, tiles per group)."""
+    t = self.tiles
+    nb, mb = _cdiv(self.d_out, t.fwd_n), _cdiv(self.batch, t.fwd_m)
+    tiles = _cdiv(self.rows, t.fwd_k)
+    per = _cdiv(tiles, max(1, min(tiles, _cdiv(t.fwd_programs, nb * mb))))
+    return nb, mb, _cdiv(tiles, per), per
+
+  @property
+  def bwd_blocks(self) -> tuple[int, int, int]:
+    """(output-column blocks, batch blocks, tiles of packed rows)."""
+    t = self.tiles
+    return _cdiv(self.d_out, t.bwd_n), _cdiv(self.batch, t.bwd_m), _cdiv(self.rows, t.bwd_k)
+
+  @property
+  def split_backward(self) -> bool:
+    split = self.tiles.bwd_split
+    return self.bwd_blocks[1] > 1 if split is None else split
+
+
+def _cdiv(a: int, b: int) -> int:
+  return -(-a // b)
+
+
+def _row_of(q: jax.Array, b: int, sign: int) -> jax.Array:
+  """`floor((b + sign * sqrt(b^2 + sign' 8 q)) / 2)` in float32, as int32 (may be one off)."""
+  disc = float(b * b) + (8.0 if sign > 0 else -8.0) * q.astype(jnp.float32)
+  root = jnp.sqrt(jnp.maximum(disc, 0.0))
+  return jnp.floor((b + sign * root) * 0.5).astype(jnp.int32)
+
+
+def upper_offsets(p: jax.Array, dim: int) -> jax.Array:
+  """Flat offset `i * dim + j` of packed row `p` of `numpy.triu_indices(dim)`.
+
+  Row i starts at packed index `i (2 dim + 1 - i) / 2`; its inverse, a root
+  of a quadratic, is exact up to float32 rounding (every quantity is an
+  integer below 2^24 for dim < 2048), and one correction each way absorbs
+  that. Entries `p >= F` get `dim * dim`, out of bounds: masked on the GPU,
+  dropped by the interpreter's scatter.
+
+  Args:
+    p: int32 `[k]` packed indices, `p >= 0`.
+    dim: matrix size.
+
+  Returns:
+    int32 `[k]`.
+  """
+  tri, b = dim * (dim + 1) // 2, 2 * dim + 1
+  q = jnp.minimum(p, tri - 1)
+  i = jnp.clip(_row_of(q, b, -1), 0, dim - 1)
+  start = lambda i: lax.div(i * (b - i), 2)
+  i = jnp.where(start(i) > q, i - 1, i)
+  i = jnp.where(start(i + 1) <= q, i + 1, i)
+  j = q - start(i) + i
+  return jnp.where(p < tri, i * dim + j, dim * dim)
+
+
+def lower_offsets(q: jax.Array, dim: int) -> jax.Array:
+  """Flat offset of entry `q` of the strict lower triangle, row-major (row i from `i (i-1) / 2`).
+
+  As `upper_offsets`: float32 root, one correction each way, `dim * dim`
+  for `q >= dim (dim - 1) / 2`.
+  """
+  low = dim * (dim - 1) // 2
+  qc = jnp.clip(q, 0, max(low - 1, 0))
+  i = jnp.clip(_row_of(qc, 1, 1), 1, max(dim - 1, 1))
+  start = lambda i: lax.div(i * (i - 1), 2)
+  i = jnp.where(start(i) > qc, i - 1, i)
+  i = jnp.where(start(i + 1) <= qc, i + 1, i)
+  return jnp.where(q < low, i * dim + (qc - start(i)), dim * dim)
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int], precision: Any) -> jax.Array:
+  return lax.dot_general(
+    a,
+    b,
+    (((contract[0],), (contract[1],)), ((), ())),
+    precision=precision,
+    preferred_element_type=jnp.float32,
+  )
+
+
+def _grid2(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """`[m]` and `[k]` index vectors broadcast to `[m, k]` (pallas gathers want equal shapes)."""
+  shape = (a.shape[0], b.shape[0])
+  return jnp.broadcast_to(a[:, None], shape), jnp.broadcast_to(b[None, :], shape)
+
+
+def _extra_cols(plan: _Plan, p: jax.Array) -> jax.Array:
+  # Rows of the triangle get an out-of-bounds column, never a wrapped negative one.
+  return jnp.where(p >= plan.tri, p - plan.tri, plan.extra)
+
+
+def _features(plan: _Plan, s_ref, x_ref, p: jax.Array, rows: jax.Array) -> jax.Array:
+  """The `[m, k]` features of batch rows `rows` and packed rows `p`, in the kernel dtype."""
+  row_ok = rows < plan.batch
+  r, c = _grid2(rows, upper_offsets(p, plan.dim))
+  tri_ok = p < plan.tri
+  f = plgpu.load(s_ref.at[r, c], mask=row_ok[:, None] & tri_ok[None, :], other=0.0)
+  f = f.astype(plan.mm_dtype)
+  if x_ref is None:
+    return f
+  _, e = _grid2(rows, _extra_cols(plan, p))
+  ext_ok = (~tri_ok) & (p < plan.rows)
+  x = plgpu.load(x_ref.at[r, e], mask=row_ok[:, None] & ext_ok[None, :], other=0.0)
+  return jnp.where(tri_ok[None, :], f, x.astype(plan.mm_dtype))
+
+
+def _store_cotangent(
+  plan: _Plan, ds_ref, dx_ref, df: jax.Array, p: jax.Array, q: jax.Array, rows: jax.Array
+) -> None:
+  """Scatters `df` `[m, k]` (packed rows `p`) into dS and dx; zeros dS at lower entries `q`."""
+  row_ok = rows < plan.batch
+  r, c = _grid2(rows, upper_offsets(p, plan.dim))
+  plgpu.store(
+    ds_ref.at[r, c], df.astype(ds_ref.dtype), mask=row_ok[:, None] & (p < plan.tri)[None, :]
+  )
+  r, c = _grid2(rows, lower_offsets(q, plan.dim))
+  plgpu.store(
+    ds_ref.at[r, c],
+    jnp.zeros(df.shape, ds_ref.dtype),
+    mask=row_ok[:, None] & (q < plan.tri - plan.dim)[None, :],
+  )
+  if dx_ref is not None:
+    r, c = _grid2(rows, _extra_cols(plan, p))
+    plgpu.store(
+      dx_ref.at[r, c],
+      df.astype(dx_ref.dtype),
+      mask=row_ok[:, None] & ((p >= plan.tri) & (p < plan.rows))[None, :],
+    )
+
+
+def _load_2d(ref, r0, nr, c0, nc, n_rows, n_cols, dtype):
+  rows_ok = r0 + jnp.arange(nr) < n_rows
+  cols_ok = c0 + jnp.arange(nc) < n_cols
+  x = plgpu.load(
+    ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], mask=rows_ok[:, None] & cols_ok[None, :], other=0.0
+  )
+  return x.astype(dtype)
+
+
+def _store_2d(ref, x, r0, c0, n_rows, n_cols):
+  nr, nc = x.shape
+  mask = (r0 + jnp.arange(nr) < n_rows)[:, None] & (c0 + jnp.arange(nc) < n_cols)[None, :]
+  plgpu.store(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], x.astype(ref.dtype), mask=mask)
+
+
+def _fwd_kernel(plan: _Plan, s_ref, w_ref, *refs):
+  x_ref, o_ref = (refs[0], refs[1]) if plan.extra else (None, refs[0])
+  t = plan.tiles
+  bm, bn, bk = t.fwd_m, t.fwd_n, t.fwd_k
+  *_, per = plan.fwd_blocks
+  n_id, m_id, g_id = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  m0, n0 = m_id * bm, n_id * bn
+  rows = m0 + jnp.arange(bm)
+
+  def step(i, acc):
+    p0 = (g_id * per + i) * bk
+    f = _features(plan, s_ref, x_ref, p0 + jnp.arange(bk), rows)
+    w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.mm_dtype)
+    return acc + _dot(f, w, (1, 0), plan.precision)
+
+  acc = lax.fori_loop(0, per, step, jnp.zeros((bm, bn), jnp.float32))
+  mask = (rows < plan.batch)[:, None] & (n0 + jnp.arange(bn) < plan.d_out)[None, :]
+  plgpu.store(o_ref.at[g_id, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
+
+
+def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
+  if plan.extra:
+    x_ref, ds_ref, dw_ref, dx_ref = refs
+  else:
+    (ds_ref, dw_ref), x_ref, dx_ref = refs, None, None
+  t = plan.tiles
+  bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
+  n_blocks, m_blocks, _ = plan.bwd_blocks
+  p0 = pl.program_id(0) * bk
+  p = p0 + jnp.arange(bk)
+
+  def batch_block(m, accumulate: bool):
+    m0 = m * bm
+    rows = m0 + jnp.arange(bm)
+    f = _features(plan, s_ref, x_ref, p, rows)
+
+    def step(n, df):
+      n0 = n * bn
+      w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.mm_dtype)
+      g = _load_2d(dy_ref, m0, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
+      dw = _dot(f, g, (0, 0), plan.precision)  # [k, n]
+      if accumulate:
+        dw = dw + _load_2d(dw_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
+      _store_2d(dw_ref, dw, p0, n0, plan.rows, plan.d_out)
+      return df + _dot(g, w, (1, 1), plan.precision)  # [m, k]
+
+    df = lax.fori_loop(0, n_blocks, step, jnp.zeros((bm, bk), jnp.float32))
+    _store_cotangent(plan, ds_ref, dx_ref, df, p, p, rows)
+
+  batch_block(0, accumulate=False)
+  if m_blocks > 1:
+    # Later batch blocks add to the dW tile this program wrote (its own rows only).
+    lax.fori_loop(1, m_blocks, lambda m, c: (batch_block(m, accumulate=True), c)[1], 0)
+
+
+def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
+  x_ref, dw_ref = (refs[0], refs[1]) if plan.extra else (None, refs[0])
+  t = plan.tiles
+  bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
+  _, m_blocks, _ = plan.bwd_blocks
+  n0, p0 = pl.program_id(0) * bn, pl.program_id(1) * bk
+  p = p0 + jnp.arange(bk)
+
+  def step(m, acc):
+    f = _features(plan, s_ref, x_ref, p, m * bm + jnp.arange(bm))
+    g = _load_2d(dy_ref, m * bm, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
+    return acc + _dot(f, g, (0, 0), plan.precision)
+
+  acc = lax.fori_loop(0, m_blocks, step, jnp.zeros((bk, bn), jnp.float32))
+  _store_2d(dw_ref, acc, p0, n0, plan.rows, plan.d_out)
+
+
+def _ds_kernel(plan: _Plan, w_ref, dy_ref, *refs):
+  ds_ref, dx_ref = (refs[0], refs[1]) if plan.extra else (refs[0], None)
+  t = plan.tiles
+  bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
+  n_blocks, _, _ = plan.bwd_blocks
+  m0, p0 = pl.program_id(0) * bm, pl.program_id(1) * bk
+  p = p0 + jnp.arange(bk)
+
+  def step(n, acc):
+    w = _load_2d(w_ref, p0, bk, n * bn, bn, plan.rows, plan.d_out, plan.mm_dtype)
+    g = _load_2d(dy_ref, m0, bm, n * bn, bn, plan.batch, plan.d_out, plan.mm_dtype)
+    return acc + _dot(g, w, (1, 1), plan.precision)
+
+  df = lax.fori_loop(0, n_blocks, step, jnp.zeros((bm, bk), jnp.float32))
+  _store_cotangent(plan, ds_ref, dx_ref, df, p, p, m0 + jnp.arange(bm))
+
+
+def _call(plan: _Plan, kernel, out_shape, grid, warps: int, name: str):
+  return pl.pallas_call(
+    functools.partial(kernel, plan),
+    out_shape=out_shape,
+    grid=grid,
+    interpret=plan.interpret,
+    name=name,
+    compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=plan.tiles.stages),
+  )
+
+
+def _forward(
+  plan: _Plan, s: jax.Array, kernel: jax.Array, bias: jax.Array, extra: jax.Array | None
+) -> jax.Array:
+  if plan.forward == "xla":
+    f = triu_vector(s).astype(kernel.dtype)
+    if extra is not None:
+      f = jnp.concatenate([f, extra.astype(kernel.dtype)], axis=-1)
+    return split_matmul(f, kernel, plan.xla_precision) + bias
+  nb, mb, groups, _ = plan.fwd_blocks
+  args = [s.reshape(plan.batch, plan.dim * plan.dim), kernel] + ([extra] if plan.extra else [])
+  out = jax.ShapeDtypeStruct((groups, plan.batch, plan.d_out), jnp.float32)
+  parts = _call(plan, _fwd_kernel, out, (nb, mb, groups), plan.tiles.fwd_warps, "triu_project_fwd")(
+    *args
+  )
+  return jnp.sum(parts, axis=0).astype(plan.mm_dtype) + bias
+
+
+def _backward(
+  plan: _Plan, s: jax.Array, kernel: jax.Array, extra: jax.Array | None, dy: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  d2 = plan.dim * plan.dim
+  s2 = s.reshape(plan.batch, d2)
+  xs = [] if extra is None else [extra]
+  ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), s.dtype)]
+  dx_shape = [] if extra is None else [jax.ShapeDtypeStruct(extra.shape, extra.dtype)]
+  dw_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+  n_blocks, m_blocks, tiles = plan.bwd_blocks
+  warps = plan.tiles.bwd_warps
+  if plan.split_backward:
+    dw = _call(plan, _dw_kernel, dw_shape, (n_blocks, tiles), warps, "triu_project_bwd_dw")(
+      s2, dy, *xs
+    )
+    ds, *dx = _call(
+      plan, _ds_kernel, ds_shape + dx_shape, (m_blocks, tiles), warps, "triu_project_bwd_ds"
+    )(kernel, dy)
+  else:
+    ds, dw, *dx = _call(
+      plan, _bwd_fused_kernel, ds_shape + [dw_shape] + dx_shape, (tiles,), warps, "triu_project_bwd"
+    )(s2, kernel, dy, *xs)
+  return ds.reshape(s.shape), dw, (dx[0] if plan.extra else None)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _triu_project(plan: _Plan, s, kernel, bias, extra):
+  return _forward(plan, s, kernel, bias, extra)
+
+
+def _triu_project_fwd(plan: _Plan, s, kernel, bias, extra):
+  return _forward(plan, s, kernel, bias, extra), (s, kernel, extra)
+
+
+def _triu_project_bwd(plan: _Plan, res, dy):
+  s, kernel, extra = res
+  ds, dw, dx = _backward(plan, s, kernel, extra, dy)
+  db = jnp.sum(dy, axis=0).astype(plan.bias_dtype)
+  return ds, dw, db, dx
+
+
+_triu_project.defvjp(_triu_project_fwd, _triu_project_bwd)
+
+
+def is_highest(precision: PrecisionLike) -> bool:
+  """Whether `precision` (None: JAX's default) asks for full float32 products."""
+  if precision is None:
+    precision = jax.config.jax_default_matmul_precision  # type: ignore[attr-defined]
+  if isinstance(precision, (tuple, list)):
+    return any(is_highest(p) for p in precision)
+  if isinstance(precision, str):
+    return precision.lower() in ("highest", "float32")
+  return precision == lax.Precision.HIGHEST
+
+
+def _kernel_precision(precision: PrecisionLike, interpret: bool) -> Any:
+  # Triton's IEEE float32 dot runs on the CUDA cores and was 5x (forward) to
+  # 17x (backward) slower than XLA's HIGHEST on an H100; three TF32 products
+  # (hi*hi + hi*lo + lo*hi) keep float32-level error on the tensor cores.
+  if interpret or isinstance(precision, lax.DotAlgorithmPreset) or not is_highest(precision):
+    return precision
+  return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+
+
+def default_tiles(batch: int) -> Tiles:
+  """The tiles measured best on an H100 (benchmarks/kernels.py --sweep) for this batch."""
+  if batch <= 64:
+    return Tiles()
+  # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16).
+  return Tiles(fwd_m=128, fwd_warps=8)
+
+
+def _check_float(name: str, x: jax.Array) -> None:
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
+
+
+def triu_project(
+  s: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  *,
+  extra: jax.Array | None = None,
+  precision: PrecisionLike = None,
+  forward: Literal["xla", "kernel"] = "xla",
+  interpret: bool | None = None,
+  tiles: Tiles | None = None,
+) -> jax.Array:
+  """`triu_vector(s) @ kernel + bias` without materialising the `[batch, F]` features.
+
+  Equal, up to summation order, to
+  `split_matmul(concat(triu_vector(s), extra).astype(kernel.dtype), kernel,
+  precision) + bias`, with a custom VJP whose gradients match the XLA
+  path's: the cotangent of `s` is upper-triangular (zeros below the
+  diagonal), as the transpose of the gather gives. Products accumulate in
+  float32.
+
+  Args:
+    s: `[batch, dim, dim]`, float32 or bfloat16; only the upper triangle
+      (row-major, diagonal included) is read.
+    kernel: `[F + extra_dim, d_out]` with F = dim (dim + 1) / 2.
+    bias: `[d_out]`.
+    extra: optional `[batch, extra_dim]` features after the triangle (the
+      third-order sketch).
+    precision: matmul precision. Compiled on a GPU, DEFAULT and HIGH (and
+      None) run TF32, as XLA does; HIGHEST runs three TF32 products
+      (float32-level error, not bit-equal to XLA's); a
+      `lax.DotAlgorithmPreset` is passed to Triton as given
+      (`F32_F32_F32`: IEEE float32 on the CUDA cores, slow).
+    forward: "kernel" runs the forward kernel (no `[batch, F]` features at
+      all); "xla" runs the forward as the XLA path does (its features are
+      transient: the residuals are `s`, `kernel` and `extra` either way) and
+      only the backward in Pallas. On an H100 the forward kernel ran 1.5x
+      (B=64) to 2.3x (B=256) slower than XLA's gather and product, while the
+      backward kernels beat XLA's; see docs/_kernels_section.md.
+    interpret: run the Pallas interpreter; None means on every backend but GPU.
+    tiles: block sizes; None: `default_tiles(batch)`, measured on an H100
+      at d_out = 512.
+
+  Returns:
+    `[batch, d_out]` in the promoted dtype of `kernel` and `bias`.
+
+  Example:
+    >>> s = jnp.ones((2, 4, 4)); w = jnp.ones((10, 3)); b = jnp.zeros(3)
+    >>> triu_project(s, w, b).shape
+    (2, 3)
+  """
+  if s.ndim != 3 or s.shape[1] != s.shape[2]:
+    raise ValueError(f"s: expected [batch, dim, dim] square matrices, got shape {s.shape}")
+  batch, dim, _ = s.shape
+  n_extra = 0
+  if extra is not None:
+    if extra.ndim != 2 or extra.shape[0] != batch:
+      raise ValueError(f"extra: expected [batch={batch}, extra_dim], got shape {extra.shape}")
+    _check_float("extra", extra)
+    n_extra = extra.shape[1]
+  rows = dim * (dim + 1) // 2 + n_extra
+  if kernel.ndim != 2 or kernel.shape[0] != rows:
+    raise ValueError(
+      f"kernel: expected [{rows}, d_out] (dim={dim}: {rows - n_extra} triangle rows"
+      f" + {n_extra} extra), got shape {kernel.shape}"
+    )
+  if bias.shape != (kernel.shape[1],):
+    raise ValueError(f"bias: expected [d_out={kernel.shape[1]}], got shape {bias.shape}")
+  for name, x in (("s", s), ("kernel", kernel), ("bias", bias)):
+    _check_float(name, x)
+  if dim >= 2048:
+    raise ValueError(f"s: expected dim < 2048 (float32 row recovery), got {dim}")
+  if forward not in ("xla", "kernel"):
+    raise ValueError(f"forward: expected 'xla' or 'kernel', got {forward!r}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tiles = default_tiles(batch) if tiles is None else tiles
+  tiles.check(compiled=not interpret)
+  plan = _Plan(
+    batch=batch,
+    dim=dim,
+    extra=n_extra,
+    d_out=kernel.shape[1],
+    mm_dtype=jnp.dtype(kernel.dtype),
+    bias_dtype=jnp.dtype(bias.dtype),
+    precision=_kernel_precision(precision, bool(interpret)),
+    xla_precision=precision,
+    forward=forward,
+    interpret=bool(interpret),
+    tiles=tiles,
+  )
+  return _triu_project(plan, s, kernel, bias, extra)
+
+
+def hbm_bytes(
+  batch: int,
+  dim: int,
+  d_out: int,
+  s_itemsize: int,
+  w_itemsize: int = 4,
+  *,
+  backward: bool = False,
+  extra: int = 0,
+) -> int:
+  """Least memory traffic of the op: W read, the triangle of S read (+ dW, dS written).
+
+  The backward adds a second read of W, the write of dW, a second read of the
+  triangle (for dW) and the write of the dense `[batch, dim, dim]` cotangent.
+  """
+  rows = dim * (dim + 1) // 2 + extra
+  fwd = rows * d_out * w_itemsize + batch * rows * s_itemsize
+  if not backward:
+    return fwd
+  bwd = 2 * rows * d_out * w_itemsize + batch * rows * s_itemsize
+  bwd += batch * (dim * dim + extra) * s_itemsize
+  return fwd + bwd
+
+
+def flops(batch: int, dim: int, d_out: int, *, backward: bool = False, extra: int = 0) -> int:
+  """Matmul FLOPs: 2 B F d_out forward, three times that with the backward."""
+  f = 2 * batch * (dim * (dim + 1) // 2 + extra) * d_out
+  return 3 * f if backward else f

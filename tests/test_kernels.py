@@ -1,0 +1,221 @@
+"""The Pallas `triu_project` (interpreted on CPU) against the XLA path it replaces.
+
+Reference: `split_matmul(concat(triu_vector(s), extra).astype(kernel.dtype),
+kernel) + bias` and its autodiff gradients. Both paths cast S (and the extra
+block) to float32 before any arithmetic and accumulate in float32, so they
+differ only in summation order: over at most ~600 terms here, that moves
+results by well under 1e-5 of their largest entry (float32's unit round-off
+is 6e-8), the tolerance below. A bfloat16 cotangent of S is rounded from
+those float32 values in both paths, so it may differ by one bfloat16 unit
+in the last place, 2^-7 relative at worst: rtol 8e-3 there. The
+interpreter fills outputs with NaN before the kernel runs, so every element
+of dS (zeros below the diagonal included), dW and the extra block's
+cotangent must have been written for the comparisons to pass.
+"""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moment_jax.kernels import Tiles, triu_project
+from moment_jax.kernels.triu_project import _kernel_precision, lower_offsets, upper_offsets
+from moment_jax.ops import split_matmul, triu_vector
+
+RTOL_F32 = 1e-5
+RTOL_BF16_ULP = 8e-3
+
+# Small tiles so that tiny problems still cut into ragged tiles, several
+# split-K groups, several output blocks and several batch blocks (m=2, batch 3).
+# Batch 1 takes the fused backward, batch 3 the split one (dW and dS kernels);
+# FUSED forces the fused backward over two batch blocks (its dW accumulation).
+SMALL = Tiles(fwd_m=2, fwd_n=8, fwd_k=16, fwd_programs=8, bwd_m=2, bwd_n=8, bwd_k=16)
+FUSED = dataclasses.replace(SMALL, bwd_split=False)
+
+
+def xla_path(s, kernel, bias, extra=None):
+  f = triu_vector(s).astype(kernel.dtype)
+  if extra is not None:
+    f = jnp.concatenate([f, extra.astype(kernel.dtype)], axis=-1)
+  return split_matmul(f, kernel) + bias
+
+
+def make(dim, batch, d_out, n_extra, s_dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  rows = dim * (dim + 1) // 2 + n_extra
+  s = jnp.asarray(rng.normal(size=(batch, dim, dim)), s_dtype)
+  kernel = jnp.asarray(rng.normal(size=(rows, d_out)) / np.sqrt(rows), jnp.float32)
+  bias = jnp.asarray(rng.normal(size=(d_out,)), jnp.float32)
+  extra = jnp.asarray(rng.normal(size=(batch, n_extra)), s_dtype) if n_extra else None
+  dy = jnp.asarray(rng.normal(size=(batch, d_out)), jnp.float32)
+  return s, kernel, bias, extra, dy
+
+
+def assert_close(x, ref, name):
+  x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
+  assert x.shape == ref.shape, name
+  assert np.isfinite(x).all(), f"{name}: non-finite entries (an element left unwritten?)"
+  scale = np.abs(ref).max()
+  np.testing.assert_allclose(x, ref, rtol=0, atol=RTOL_F32 * scale, err_msg=name)
+
+
+@pytest.mark.parametrize(
+  "dim,batch,d_out,n_extra,s_dtype,tiles",
+  [
+    (5, 1, 8, 0, jnp.float32, SMALL),
+    (16, 3, 17, 0, jnp.float32, SMALL),
+    (33, 3, 17, 7, jnp.float32, SMALL),
+    (16, 3, 8, 0, jnp.bfloat16, SMALL),
+    (33, 1, 17, 5, jnp.bfloat16, SMALL),
+    (33, 3, 8, 0, jnp.float32, None),  # the default tiles: one ragged tile per kernel
+    (16, 3, 17, 4, jnp.float32, FUSED),
+  ],
+)
+def test_matches_xla_path(dim, batch, d_out, n_extra, s_dtype, tiles, forward="kernel"):
+  s, kernel, bias, extra, dy = make(dim, batch, d_out, n_extra, s_dtype)
+  args = (s, kernel, bias) + ((extra,) if n_extra else ())
+
+  def kern(s, kernel, bias, *extra):
+    return triu_project(
+      s,
+      kernel,
+      bias,
+      extra=extra[0] if extra else None,
+      forward=forward,
+      interpret=True,
+      tiles=tiles,
+    )
+
+  y, vjp = jax.vjp(kern, *args)
+  y_ref, vjp_ref = jax.vjp(lambda *a: xla_path(*a), *args)
+  assert y.dtype == y_ref.dtype
+  assert_close(y, y_ref, "y")
+  grads, grads_ref = vjp(dy), vjp_ref(dy)
+  for name, g, r in zip(("ds", "dkernel", "dbias", "dextra"), grads, grads_ref):
+    assert g.dtype == r.dtype, name
+    if g.dtype == jnp.bfloat16:
+      g, r = np.asarray(g, np.float32), np.asarray(r, np.float32)
+      assert np.isfinite(g).all(), name
+      np.testing.assert_allclose(
+        g, r, rtol=RTOL_BF16_ULP, atol=RTOL_F32 * np.abs(r).max(), err_msg=name
+      )
+    else:
+      assert_close(g, r, name)
+  lower = np.tril_indices(dim, -1)
+  assert not np.asarray(grads[0], np.float32)[:, lower[0], lower[1]].any()
+
+
+def test_xla_forward_kernel_backward():
+  test_matches_xla_path(16, 3, 17, 4, jnp.bfloat16, SMALL, forward="xla")
+
+
+def test_jit_vmap_grad():
+  s, kernel, bias, _, _ = make(9, 3, 8, 0, jnp.float32, seed=1)
+  s = jnp.stack([s, -2.0 * s])  # [2, batch, dim, dim]
+
+  def loss(fn):
+    return lambda s, kernel: jnp.sum(jnp.square(fn(s, kernel, bias)))
+
+  kern = lambda s, k, b: triu_project(s, k, b, forward="kernel", interpret=True, tiles=SMALL)
+  y = jax.jit(jax.vmap(kern, in_axes=(0, None, None)))(s, kernel, bias)
+  y_ref = jax.vmap(xla_path, in_axes=(0, None, None))(s, kernel, bias)
+  assert_close(y, y_ref, "y")
+  grad = jax.vmap(jax.grad(loss(kern), argnums=(0, 1)), in_axes=(0, None))
+  grad_ref = jax.vmap(jax.grad(loss(xla_path), argnums=(0, 1)), in_axes=(0, None))
+  for name, g, r in zip(("ds", "dkernel"), jax.jit(grad)(s, kernel), grad_ref(s, kernel)):
+    assert_close(g, r, name)
+
+
+@pytest.mark.parametrize("dim", [1, 2, 7, 33, 768, 2047])
+def test_offsets_cover_the_matrix_once(dim):
+  tri, low = dim * (dim + 1) // 2, dim * (dim - 1) // 2
+  pad = 5
+  upper = np.asarray(upper_offsets(jnp.arange(tri + pad, dtype=jnp.int32), dim))
+  lower = np.asarray(lower_offsets(jnp.arange(low + pad, dtype=jnp.int32), dim))
+  rows, cols = np.triu_indices(dim)
+  np.testing.assert_array_equal(upper[:tri], rows * dim + cols)
+  rows, cols = np.tril_indices(dim, -1)
+  np.testing.assert_array_equal(lower[:low], rows * dim + cols)
+  # Past the end: out of bounds (masked on the GPU, dropped when interpreted).
+  assert (upper[tri:] == dim * dim).all() and (lower[low:] == dim * dim).all()
+
+
+def test_highest_runs_three_tf32_products_when_compiled():
+  x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
+  assert _kernel_precision("highest", interpret=False) == x3
+  assert _kernel_precision(jax.lax.Precision.HIGHEST, interpret=False) == x3
+  assert _kernel_precision(jax.lax.Precision.DEFAULT, interpret=False) == jax.lax.Precision.DEFAULT
+  assert _kernel_precision("highest", interpret=True) == "highest"  # the CPU dot is exact f32
+  ieee = jax.lax.DotAlgorithmPreset.F32_F32_F32
+  assert _kernel_precision(ieee, interpret=False) == ieee
+
+
+@pytest.mark.parametrize(
+  "what,kwargs,match",
+  [
+    ("s", dict(s=np.zeros((2, 4, 5))), "s: expected"),
+    ("kernel", dict(kernel=np.zeros((9, 3))), "kernel: expected"),
+    ("bias", dict(bias=np.zeros(4)), "bias: expected"),
+    ("extra", dict(extra=np.zeros((3, 2))), "extra: expected"),
+    ("int s", dict(s=np.zeros((2, 4, 4), np.int32)), "s: expected a floating"),
+    ("tiles", dict(tiles=Tiles(fwd_k=24)), "tiles.fwd_k: expected a power of two"),
+    ("compiled", dict(tiles=SMALL, interpret=False), "tiles.fwd_m: expected at least 16"),
+    ("forward", dict(forward="pallas"), "forward: expected 'xla' or 'kernel'"),
+  ],
+)
+def test_bad_input_raises(what, kwargs, match):
+  args = dict(
+    s=np.zeros((2, 4, 4), np.float32),
+    kernel=np.zeros((10, 3), np.float32),
+    bias=np.zeros(3, np.float32),
+  )
+  args.update({k: kwargs.pop(k) for k in ("s", "kernel", "bias") if k in kwargs})
+  args = {k: jnp.asarray(v) for k, v in args.items()}
+  if "extra" in kwargs:
+    kwargs["extra"] = jnp.asarray(kwargs["extra"], jnp.float32)
+  with pytest.raises(ValueError, match=match):
+    triu_project(args["s"], args["kernel"], args["bias"], **kwargs)
+
+
+@pytest.mark.slow  # a subprocess, ~7 s on two cores
+def test_benchmark_script_runs_and_checks(tmp_path):
+  """benchmarks/kernels.py at a toy size on CPU: it runs, and its full-size check passes."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = tmp_path / "kernels.json"
+  env = dict(os.environ, PYTHONPATH=root, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "benchmarks/kernels.py",
+      "--dim",
+      "12",
+      "--d-out",
+      "16",
+      "--batches",
+      "3",
+      "--cases",
+      "bfloat16",
+      "--reps",
+      "1",
+      "--inner",
+      "1",
+      "--json",
+      str(out),
+    ],
+    cwd=root,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+  [row] = json.loads(out.read_text())["rows"]
+  assert row["err"]["dS_lower_max_abs"] == 0.0
+  assert max(row["err"][k] for k in ("y", "dS", "dW", "db")) < RTOL_F32
+  assert all(row[k] > 0 for k in ("xla_step_ms", "kernel_step_ms", "hybrid_step_ms"))
