@@ -63,6 +63,7 @@ from moment_jax import (
   MomentHead,
   NNXMomentHead,
   grid_graph,
+  steps,
 )
 from moment_jax import sharding as shd
 
@@ -76,37 +77,6 @@ def grid_shape(n_tokens: int) -> tuple[int, int]:
   """`(h, w)` with `h * w == n_tokens`, as square as possible (196 -> 14 x 14)."""
   h = max(d for d in range(1, math.isqrt(n_tokens) + 1) if n_tokens % d == 0)
   return h, n_tokens // h
-
-
-def make_step(head, tx, graph, batch_sh, token_grads):
-  """Linen: `(state, tokens, targets, key) -> (state, loss[, d loss / d tokens])`; state
-  `{params, batch_stats, opt_state}`, `key` draws the dropout."""
-
-  def loss_fn(params, tokens, batch_stats, targets, key):
-    if batch_sh is not None:
-      tokens = jax.lax.with_sharding_constraint(tokens, batch_sh)
-    out, updates = head.apply(
-      {"params": params, "batch_stats": batch_stats},
-      tokens,
-      graph,
-      train=True,
-      rngs={"dropout": key},
-      mutable=["batch_stats"],
-    )
-    loss = jnp.mean(jnp.square(out.astype(jnp.float32) - targets))
-    return loss, updates["batch_stats"]
-
-  def step(state, tokens, targets, key):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, (0, 1), has_aux=True)(
-      state["params"], tokens, state["batch_stats"], targets, key
-    )
-    updates, opt_state = tx.update(grads[0], state["opt_state"], state["params"])
-    new = dict(
-      params=optax.apply_updates(state["params"], updates), batch_stats=stats, opt_state=opt_state
-    )
-    return (new, loss, grads[1]) if token_grads else (new, loss)
-
-  return step
 
 
 def make_nnx_step(graphdef, tx, graph, batch_sh, token_grads):
@@ -145,7 +115,7 @@ def setup(
   **overrides,
 ):
   """`(init, step, d_out)` of `api` ("linen" or "nnx") for the head of `preset`
-  with `overrides`: `init(key) -> state`, `step` as `make_step`."""
+  with `overrides`: `init(key) -> state`, `step` as `steps.make_fit_step`."""
   if api == "linen":
     head = MomentHead.from_preset(preset, **overrides)
 
@@ -153,7 +123,7 @@ def setup(
       v = head.init(key, jnp.zeros((1, n_tokens, d_in)), graph, train=False)
       return dict(params=v["params"], batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
 
-    return init, make_step(head, tx, graph, batch_sh, token_grads), head.d_out
+    return init, steps.make_fit_step(head, tx, graph, batch_sh, token_grads), head.d_out
   config = HeadConfig.from_preset(preset, **overrides)
   graphdefs = []
 

@@ -80,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from moment_jax import NAMED_POLICIES, MomentHead, grid_graph
+from moment_jax import NAMED_POLICIES, MomentHead, grid_graph, steps
 from moment_jax import sharding as shd
 
 MB = 1e6
@@ -129,35 +129,6 @@ def make_init(head, tx, tokens_shape, graph):
     return dict(params=v["params"], batch_stats=v["batch_stats"], opt_state=tx.init(v["params"]))
 
   return init
-
-
-def make_step(head, tx, graph, batch_sh):
-  """`(state, tokens, targets, key) -> (state, loss)`: one AdamW step on the
-  mean-square distance of the training-mode output to `targets`."""
-
-  def loss_fn(params, batch_stats, tokens, targets, key):
-    if batch_sh is not None:
-      tokens = jax.lax.with_sharding_constraint(tokens, batch_sh)
-    out, updates = head.apply(
-      {"params": params, "batch_stats": batch_stats},
-      tokens,
-      graph,
-      train=True,
-      rngs={"dropout": key},
-      mutable=["batch_stats"],
-    )
-    loss = jnp.mean(jnp.square(out.astype(jnp.float32) - targets))
-    return loss, updates["batch_stats"]
-
-  def step(state, tokens, targets, key):
-    (loss, stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state["params"], state["batch_stats"], tokens, targets, key
-    )
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
-    return dict(params=params, batch_stats=stats, opt_state=opt_state), loss
-
-  return step
 
 
 def make_batch(global_batch, n_tokens, dim, d_out, sharding, seed):
@@ -246,12 +217,12 @@ def run(head, tx, graph, args, data, model, total_steps, timed, layout="columns"
 
   t0 = time.perf_counter()
   if layout is None:
-    step = jax.jit(make_step(head, tx, graph, None), donate_argnums=0)
+    step = jax.jit(steps.make_fit_step(head, tx, graph), donate_argnums=0)
     compiled = step.lower(state, tokens, targets, keys[0]).compile()
   else:
     with shd.use_layout(mesh, rules):
       step = jax.jit(
-        make_step(head, tx, graph, batch_sh),
+        steps.make_fit_step(head, tx, graph, batch_sh),
         in_shardings=(state_sh, batch_sh, batch_sh, repl),
         out_shardings=(state_sh, repl),
         donate_argnums=0,

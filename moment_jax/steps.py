@@ -9,8 +9,9 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import optax
 
-__all__ = ["count_params", "make_grad_step", "make_loss", "variable_shapes"]
+__all__ = ["count_params", "make_fit_step", "make_grad_step", "make_loss", "variable_shapes"]
 
 
 def make_loss(head: Any, graph: Any = None) -> Callable[..., Any]:
@@ -55,3 +56,50 @@ def variable_shapes(
 def count_params(tree: Any) -> int:
   """Number of scalars in a pytree of arrays or shape structs."""
   return sum(int(x.size) for x in jax.tree.leaves(tree))
+
+
+def make_fit_step(
+  head: Any,
+  tx: Any,
+  graph: Any = None,
+  batch_sharding: Any = None,
+  token_grads: bool = False,
+) -> Callable[..., Any]:
+  """`(state, tokens, targets, key) -> (state, loss[, d_tokens])`: one optimizer
+  step on the mean-square distance of the training-mode output to `targets`.
+
+  `state` is `{"params", "batch_stats", "opt_state"}`, `tx` an optax
+  transformation, `key` draws the dropout. `batch_sharding` constrains the
+  tokens (the batch split over the data axis); with `token_grads` the step
+  also returns the tokens' gradient, as when a backbone trains below the head.
+  Used by the sharding benchmarks and tests.
+  """
+
+  def loss_fn(params, tokens, batch_stats, targets, key):
+    if batch_sharding is not None:
+      tokens = jax.lax.with_sharding_constraint(tokens, batch_sharding)
+    out, updates = head.apply(
+      {"params": params, "batch_stats": batch_stats},
+      tokens,
+      graph,
+      train=True,
+      rngs={"dropout": key},
+      mutable=["batch_stats"],
+    )
+    loss = jnp.mean(jnp.square(out.astype(jnp.float32) - targets))
+    return loss, updates["batch_stats"]
+
+  argnums = (0, 1) if token_grads else 0
+
+  def step(state, tokens, targets, key):
+    (loss, stats), grads = jax.value_and_grad(loss_fn, argnums, has_aux=True)(
+      state["params"], tokens, state["batch_stats"], targets, key
+    )
+    d_params, d_tokens = grads if token_grads else (grads, None)
+    updates, opt_state = tx.update(d_params, state["opt_state"], state["params"])
+    new = dict(
+      params=optax.apply_updates(state["params"], updates), batch_stats=stats, opt_state=opt_state
+    )
+    return (new, loss, d_tokens) if token_grads else (new, loss)
+
+  return step
