@@ -17,7 +17,7 @@ its own batch (a per-epoch permutation from the step's key), so a run is a
 pure function of `--seed` and the step count. Evaluation is on a fixed,
 stratified 20% split (360 images).
 
-Run (2-core CPU: about 1 minute for both heads):
+Run (2-core CPU: 30 s for both heads, compilation included; measured 2026-11-26):
 
   python examples/digits.py                          # both heads, 1500 steps each
   python examples/digits.py --head moment --steps 300 --ckpt-dir /tmp/digits --save-every 100
@@ -29,9 +29,9 @@ Run (2-core CPU: about 1 minute for both heads):
 It prints a progress bar per head, then (the default run on a 2-core CPU;
 the accuracies are deterministic, the times are not)
 
-  moment head: held-out accuracy 0.9861 (355/360), loss 0.045, 1500 steps, 29.7 s
-  mean head: held-out accuracy 0.9750 (351/360), loss 0.086, 1500 steps, 20.0 s
-  figure: /abs/path/digits.png
+  moment head: held-out accuracy 0.9861 (355/360), loss 0.045, 1500 steps, 16.7 s
+  mean head: held-out accuracy 0.9750 (351/360), loss 0.086, 1500 steps, 10.7 s
+  figure: /abs/path/out/digits.png
 
 With `--ckpt-dir` it also prints `checkpoint: saving step N` and
 `checkpoint: saved step N` around every save, and `checkpoint: resumed from
