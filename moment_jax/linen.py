@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
-from moment_jax import presets
+from moment_jax import _deprecated, presets
 from moment_jax.config import CheckValues, HeadConfig, Method, Mlp, Normalization, Space
 from moment_jax.kernels import triu_project
 from moment_jax.ops import _checks
@@ -276,3 +276,25 @@ class MomentHead(nn.Module):
       y = dense(cfg.d_out, name="out")(y)
     y = _checks.check_finite(y, "output", _checks.check_mode(cfg.check_values))
     return y.astype(pol.output_dtype)
+
+
+def _check_head_config(d_out: int, mlp: str, dropout_rate: float, d_reduce: int | None) -> None:
+  HeadConfig(d_out=d_out, mlp=mlp, dropout_rate=dropout_rate, d_reduce=d_reduce).validate()  # type: ignore[arg-type]
+
+
+def _width_from_features(f: int, use_third_order: bool, sketch_dim: int) -> int:
+  w = HeadConfig(use_third_order=use_third_order, sketch_dim=sketch_dim).width_from_features(f)
+  return -1 if w is None else w
+
+
+__getattr__ = _deprecated.module_getattr(
+  __name__,
+  {
+    "MLPS": (lambda: ("single", "double"), "typing.get_args(moment_jax.config.Mlp)"),
+    "check_head_config": (lambda: _check_head_config, "moment_jax.HeadConfig(...).validate()"),
+    "width_from_features": (
+      lambda: _width_from_features,
+      "moment_jax.HeadConfig(...).width_from_features(f)",
+    ),
+  },
+)

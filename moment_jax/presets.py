@@ -5,6 +5,8 @@ from __future__ import annotations
 import types
 from typing import Any
 
+from moment_jax import _deprecated
+
 __all__ = ["PRESETS", "PRESET_NAMES", "preset"]
 
 _PRESETS = {
@@ -38,3 +40,14 @@ def preset(name: str) -> dict[str, Any]:
   if name not in PRESETS:
     raise ValueError(f"preset: unknown name {name!r}; valid names are {', '.join(PRESET_NAMES)}")
   return dict(PRESETS[name])
+
+
+def _seed_memory() -> Any:
+  from moment_jax import cli
+
+  return cli._SEED_MEMORY_MB
+
+
+__getattr__ = _deprecated.module_getattr(
+  __name__, {"SEED_MEMORY_MB": (_seed_memory, "the table `moment-jax report` prints")}
+)

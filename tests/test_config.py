@@ -121,3 +121,34 @@ def test_nnx_does_not_import_linen():
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert "'moment_jax.config'" in out.stdout  # the fake package did load nnx.py's imports
   assert "'moment_jax.linen'" not in out.stdout, out.stdout
+
+
+@pytest.mark.parametrize(
+  "module,name",
+  [
+    ("moment_jax.linen", "MLPS"),
+    ("moment_jax.linen", "check_head_config"),
+    ("moment_jax.linen", "width_from_features"),
+    ("moment_jax.presets", "SEED_MEMORY_MB"),
+    ("moment_jax.ops", "checks"),
+  ],
+)
+def test_old_names_still_resolve_with_a_warning(module, name):
+  import importlib
+
+  with pytest.warns(DeprecationWarning, match=rf"{module}\.{name} is deprecated; use "):
+    value = getattr(importlib.import_module(module), name)
+  assert value is not None
+  with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
+    importlib.import_module(module).no_such_name
+
+
+def test_old_linen_helpers_behave_as_before():
+  import warnings
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from moment_jax.linen import check_head_config, width_from_features
+  assert width_from_features(36 + 16, True, 16) == 8
+  with pytest.raises(ValueError, match=r"d_out: expected an int >= 1, got 0"):
+    check_head_config(0, "single", 0.1, None)

@@ -1,5 +1,6 @@
 """Pure functions of the moment pipeline (docs/math.md sections 1-7)."""
 
+from moment_jax import _deprecated
 from moment_jax.ops._checks import check_inputs, check_values
 from moment_jax.ops.chunk import map_samples
 from moment_jax.ops.features import feature_size, moment_features
@@ -49,3 +50,14 @@ __all__ = [
   "triu_vector",
   "use_token_space",
 ]
+
+
+def _checks_module():
+  from moment_jax.ops import _checks
+
+  return _checks
+
+
+__getattr__ = _deprecated.module_getattr(
+  __name__, {"checks": (_checks_module, "moment_jax.ops.check_inputs / check_values")}
+)
