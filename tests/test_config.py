@@ -140,7 +140,7 @@ def test_old_names_still_resolve_with_a_warning(module, name):
     value = getattr(importlib.import_module(module), name)
   assert value is not None
   with pytest.raises(AttributeError, match="has no attribute 'no_such_name'"):
-    importlib.import_module(module).no_such_name
+    _ = importlib.import_module(module).no_such_name
 
 
 def test_old_linen_helpers_behave_as_before():
