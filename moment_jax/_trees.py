@@ -29,6 +29,7 @@ def check_entries(
   matches: Callable[[Any, Any], bool] = lambda want, got: want == got,
   show: Callable[[Any], str] = str,
   show_found: Callable[[Any], str] | None = None,
+  show_unexpected: Callable[[Any], str] | None = None,
   optional: tuple[str, ...] = (),
 ) -> None:
   """Raises one `ValueError` naming every missing, unexpected or mismatched entry.
@@ -40,9 +41,11 @@ def check_entries(
     matches: `matches(want, got)` is True when an entry is right.
     show: formats an expected description for the message.
     show_found: formats a found description (default `show`).
+    show_unexpected: formats an unexpected entry's description (default `show_found`).
     optional: expected keys that may be missing.
   """
   show_found = show_found or show
+  show_unexpected = show_unexpected or show_found
   errors = []
   for key, want in expected.items():
     if key not in found:
@@ -51,7 +54,7 @@ def check_entries(
     elif not matches(want, found[key]):
       errors.append(f"  {key}: expected {show(want)}, found {show_found(found[key])}")
   errors += [
-    f"  unexpected {key}: found {show_found(got)}"
+    f"  unexpected {key}: found {show_unexpected(got)}"
     for key, got in found.items()
     if key not in expected
   ]

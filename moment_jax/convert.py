@@ -88,7 +88,7 @@ import pickle
 import re
 import shutil
 import tempfile
-from typing import Any, Callable, Mapping, NamedTuple, cast
+from typing import Any, Callable, Mapping, cast
 
 import jax
 import jax.numpy as jnp
@@ -156,13 +156,6 @@ class _Entry:
   @property
   def flax_key(self) -> str:
     return "/".join(self.flax_path)
-
-
-class _Seen(NamedTuple):
-  """A found shape and how a message shows it."""
-
-  shape: tuple[int, ...]
-  text: str
 
 
 def _as_config(head: MomentHead | HeadConfig) -> HeadConfig:
@@ -254,20 +247,18 @@ def _check_shapes(
   outcome: str = "nothing was converted",
 ) -> None:
   """Raises one `ValueError` naming every missing, unexpected or misshapen key."""
-  seen = {
-    k: _Seen(tuple(s), str(tuple(s)) if k in expected else f"shape {tuple(s)}")
-    for k, s in found.items()
-  }
+  seen = {k: tuple(s) for k, s in found.items()}
   # A free dimension means no width could be read from this very key: it is wrong.
   _trees.check_entries(
     f"{what}: does not match the head ({_config_text(cfg)}); {outcome}:",
     seen,
     expected,
     matches=lambda want, got: (
-      len(want) == len(got.shape) and all(w is not None and w == g for w, g in zip(want, got.shape))
+      len(want) == len(got) and all(w is not None and w == g for w, g in zip(want, got))
     ),
     show=lambda want: f"shape {_fmt(want, cfg)}",
-    show_found=lambda got: got.text,
+    show_found=str,
+    show_unexpected=lambda got: f"shape {got}",
     optional=optional,
   )
 
