@@ -39,6 +39,8 @@ from jax.experimental.pallas import triton as plgpu
 
 from moment_jax.ops import split_matmul, triu_vector
 
+__all__ = ["Tiles", "default_tiles", "flops", "hbm_bytes", "is_highest", "triu_project"]
+
 # Triton's tensor-core dot needs every block dimension to be at least 16.
 _MIN_DOT_BLOCK = 16
 

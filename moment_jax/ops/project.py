@@ -21,6 +21,20 @@ from jax.sharding import PartitionSpec as P
 
 from moment_jax.ops.chunk import map_samples
 
+__all__ = [
+  "BATCH",
+  "KERNEL_AXES",
+  "PROJ_BATCH",
+  "PROJ_IN",
+  "PROJ_OUT",
+  "contraction_pieces",
+  "mesh_spec",
+  "per_device",
+  "project",
+  "project_chunked",
+  "split_matmul",
+]
+
 # Below this many contraction terms the plain product is used.
 _MIN_SPLIT = 1 << 14
 _MAX_PIECES = 128
