@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from moment_jax import MomentHead, grid_graph
+from moment_jax.ops._checks import check_int
 
 Pooling = Literal["mean", "head"]
 Attention = Literal["auto", "xla", "cudnn"]
@@ -65,9 +66,7 @@ class ViTConfig:
 
   def __post_init__(self) -> None:
     for name in ("image", "patch", "width", "depth", "heads", "mlp_dim", "classes"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+      check_int(name, getattr(self, name))
     if self.image % self.patch:
       raise ValueError(f"image: expected a multiple of patch={self.patch}, got {self.image}")
     if self.width % self.heads:
