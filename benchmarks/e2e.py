@@ -58,8 +58,10 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT as OWG  # noqa: E402
 
 from benchmarks.vit import ATTENTIONS, POOLINGS, TINY, VIT_B16, ViT, ViTConfig  # noqa: E402
+from moment_jax.kernels import FusedAdamW  # noqa: E402
 
 FRAMEWORKS = ("jax", "torch")
 TORCH_COMPILE = ("model", "none")
@@ -123,6 +125,7 @@ class TrainState(NamedTuple):
   opt_state: Any
   batch_stats: Any
   step: jax.Array
+  owg: Any  # the fused head's kernel, moments and count (overwritten by their "gradients")
 
 
 def init_state(
@@ -132,15 +135,27 @@ def init_state(
   variables = model.init(key, images, train=False)
   params = variables["params"]
   return TrainState(
-    params, tx.init(params), variables.get("batch_stats", {}), jnp.zeros((), jnp.int32)
+    params,
+    tx.init(params),
+    variables.get("batch_stats", {}),
+    jnp.zeros((), jnp.int32),
+    variables.get(OWG, {}),
   )
 
 
 def loss_and_stats(
-  model: ViT, params: Any, batch_stats: Any, images: jax.Array, labels: jax.Array, rng: jax.Array
+  model: ViT,
+  params: Any,
+  batch_stats: Any,
+  images: jax.Array,
+  labels: jax.Array,
+  rng: jax.Array,
+  owg: Any = None,
 ) -> tuple[jax.Array, Any]:
   """Training-mode cross-entropy and the updated BatchNorm statistics."""
   variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+  if owg:
+    variables[OWG] = owg
   logits, updates = model.apply(
     variables, images, train=True, rngs={"dropout": rng}, mutable=["batch_stats"]
   )
@@ -159,12 +174,15 @@ def train_step(
   """One AdamW step; dropout draws from `key` folded with the step count."""
   rng = jax.random.fold_in(key, state.step)
   grad_fn = jax.value_and_grad(
-    lambda p: loss_and_stats(model, p, state.batch_stats, images, labels, rng), has_aux=True
+    lambda p, o: loss_and_stats(model, p, state.batch_stats, images, labels, rng, o),
+    argnums=(0, 1),
+    has_aux=True,
   )
-  (loss, stats), grads = grad_fn(state.params)
+  (loss, stats), (grads, owg) = grad_fn(state.params, state.owg)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  return TrainState(params, opt_state, stats, state.step + 1), loss
+  # The fused head's "gradients" of its OVERWRITE_WITH_GRADIENT variables are their new values.
+  return TrainState(params, opt_state, stats, state.step + 1, owg), loss
 
 
 def jax_attention_ms(cfg: ViTConfig, batch: int, implementation: str | None) -> float:
@@ -180,7 +198,8 @@ def compile_jax_step(
   cfg: ViTConfig, pooling: str, attention: str, images: jax.Array, labels: jax.Array, key: jax.Array
 ) -> tuple[ViT, TrainState, Any, float]:
   """(model, fresh state, compiled donated step, compile seconds)."""
-  model = ViT(config=cfg, pooling=pooling, attention=attention)  # type: ignore[arg-type]
+  fused = FusedAdamW(LR, weight_decay=WEIGHT_DECAY) if pooling == "fused" else None
+  model = ViT(config=cfg, pooling=pooling, attention=attention, head_adamw=fused)  # type: ignore[arg-type]
   tx = optax.adamw(LR, weight_decay=WEIGHT_DECAY)
   state = jax.jit(functools.partial(init_state, model, tx))(images, key)
   t0 = time.perf_counter()
@@ -220,7 +239,9 @@ def jax_row(
     model, state, compiled, compile_s = compile_jax_step(
       cfg, pooling, attention, images, labels, key
     )
-  n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))
+  # The fused head's kernel is a parameter too (its moments and count are not).
+  kernels = [x for p, x in jax.tree_util.tree_leaves_with_path(state.owg) if "kernel" in str(p)]
+  n_params = sum(int(np.prod(x.shape)) for x in [*jax.tree.leaves(state.params), *kernels])
   mem = compiled.memory_analysis()
   hlo = compiled.as_text() or ""
 
@@ -483,18 +504,23 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   ok = {(r["framework"], r["pooling"], r["batch"]): r for r in rows if "error" not in r}
   out = []
   for (fw, pooling, b), r in ok.items():
-    if pooling != "head" or (fw, "mean", b) not in ok:
+    if pooling == "mean" or (fw, "mean", b) not in ok:
       continue
     mean = ok[(fw, "mean", b)]["ms_per_step"]
     out.append(
       dict(
         kind="overhead",
         framework=fw,
+        pooling=pooling,
         batch=b,
         overhead_ms=r["ms_per_step"] - mean,
         overhead_pct=100 * (r["ms_per_step"] - mean) / mean,
       )
     )
+  torch_over = {s["batch"]: s["overhead_ms"] for s in out if s["framework"] == "torch"}
+  for s in out:
+    if s["framework"] == "jax" and torch_over.get(s["batch"]):
+      s["over_torch_overhead"] = s["overhead_ms"] / torch_over[s["batch"]]
   for b in sorted({b for _, _, b in ok}):
     if ("jax", "mean", b) in ok and ("torch", "mean", b) in ok:
       j, t = ok[("jax", "mean", b)], ok[("torch", "mean", b)]
@@ -524,7 +550,7 @@ def _fmt(x: float | None, spec: str) -> str:
 
 def format_table(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any]]) -> str:
   """The closing table: one line per row, overheads beside the head rows, then the backbones."""
-  over = {(s["framework"], s["batch"]): s for s in summary if s["kind"] == "overhead"}
+  over = {(s["framework"], s["batch"], s["pooling"]): s for s in summary if s["kind"] == "overhead"}
   lines = [
     f"{'framework':<9} {'pooling':<7} {'B':>4} {'ms/step':>9} {'pipelined':>9} "
     f"{'overhead ms':>11} {'overhead %':>10} {'peak MB':>9} {'params':>12}"
@@ -535,13 +561,19 @@ def format_table(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any
     if "error" in r:
       lines.append(f"{head} error: {r['error'].splitlines()[-1][:80] if r['error'] else ''}")
       continue
-    o = over.get((r["framework"], r["batch"])) if r["pooling"] == "head" else None
+    o = over.get((r["framework"], r["batch"], r["pooling"]))
     lines.append(
       f"{head} {r['ms_per_step']:>9.2f} {r['ms_per_step_pipelined']:>9.2f} "
       f"{_fmt(o['overhead_ms'] if o else None, '+.2f'):>11} "
       f"{_fmt(o['overhead_pct'] if o else None, '+.1f'):>10} "
       f"{_fmt(r.get('peak_mb'), ',.0f'):>9} {r['params']:>12,}"
     )
+  for s in summary:
+    if s["kind"] == "overhead" and "over_torch_overhead" in s:
+      lines.append(
+        f"overhead B={s['batch']} {s['pooling']}: JAX / torch.compile head overhead "
+        f"{s['over_torch_overhead']:.2f}"
+      )
   for s in summary:
     if s["kind"] != "backbone":
       continue
@@ -664,6 +696,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   for b in args.batch:
     for fw in args.frameworks:
       for pooling in args.poolings:
+        if fw == "torch" and pooling == "fused":  # a JAX-only option
+          continue
         t0 = time.perf_counter()
         row = (
           run_row_isolated(fw, pooling, b, args) if isolate else run_row(fw, cfg, pooling, b, args)

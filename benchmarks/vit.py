@@ -33,11 +33,12 @@ import jax.numpy as jnp
 from flax.typing import Dtype
 
 from moment_jax import MomentHead, grid_graph
+from moment_jax.kernels import FusedAdamW
 from moment_jax.ops._checks import check_int
 
-Pooling = Literal["mean", "head"]
+Pooling = Literal["mean", "head", "fused"]
 Attention = Literal["auto", "xla", "cudnn"]
-POOLINGS: tuple[Pooling, ...] = ("mean", "head")
+POOLINGS: tuple[Pooling, ...] = ("mean", "head", "fused")
 ATTENTIONS: tuple[Attention, ...] = ("auto", "xla", "cudnn")
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 
@@ -170,13 +171,16 @@ class ViT(nn.Module):
   * "mean": the mean over tokens, LayerNorm, Dense(classes) (timm's
     `global_pool="avg"`, whose final norm is `fc_norm`, after the pooling);
   * "head": LayerNorm on the tokens, `MomentHead.from_preset(head_preset,
-    policy=head_policy)` with `grid_graph(side, side)`, Dense(classes).
+    policy=head_policy)` with `grid_graph(side, side)`, Dense(classes);
+  * "fused": the same head with `fused_adamw=head_adamw` (its projection
+    kernel's AdamW step inside the backward kernel).
 
   Attributes:
     config: sizes (`ViTConfig`).
-    pooling: "mean" or "head".
+    pooling: "mean", "head" or "fused".
     head_preset: the moment head's preset.
     head_policy: the moment head's precision policy.
+    head_adamw: the `FusedAdamW` of the "fused" pooling.
     attention: see `SelfAttention`.
     dtype: compute dtype of the backbone and the classifier.
     param_dtype: parameter dtype.
@@ -190,6 +194,7 @@ class ViT(nn.Module):
   pooling: Pooling = "mean"
   head_preset: str = "optimized"
   head_policy: str = "bfloat16"
+  head_adamw: FusedAdamW | None = None
   attention: Attention = "auto"
   dtype: Dtype | None = jnp.bfloat16
   param_dtype: Dtype = jnp.float32
@@ -225,7 +230,12 @@ class ViT(nn.Module):
       y = nn.LayerNorm(epsilon=LN_EPS, name="fc_norm", **kw)(y)
     else:
       x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
-      head = MomentHead.from_preset(self.head_preset, policy=self.head_policy, name="head")
+      fused = self.head_adamw if self.pooling == "fused" else None
+      if self.pooling == "fused" and fused is None:
+        raise ValueError("head_adamw: the 'fused' pooling needs a FusedAdamW")
+      head = MomentHead.from_preset(
+        self.head_preset, policy=self.head_policy, fused_adamw=fused, name="head"
+      )
       y = head(x, grid_graph(cfg.side, cfg.side), train=train)
     y = nn.Dense(cfg.classes, name="classifier", **kw)(y)
     return y.astype(jnp.float32)

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import presets
-from moment_jax.kernels.triu_project import is_highest
+from moment_jax.kernels.triu_project import FusedAdamW, is_highest
 from moment_jax.ops import _checks
 from moment_jax.ops.features import check_config, feature_size, pipeline, root_and_sketch
 from moment_jax.ops.project import _layout_mesh, per_device
@@ -87,6 +87,15 @@ class HeadConfig:
       (interpreted on a CPU: for tests).
       Under several devices the kernel is off unless asked for, since the
       SPMD partitioner cannot split a custom kernel.
+    fused_adamw: a `moment_jax.kernels.FusedAdamW`: the projection kernel's
+      AdamW step runs inside its Pallas backward (`kernels.triu_project_adamw`),
+      which reads each kernel tile once and never writes its gradient. The
+      kernel and its moments then live in Flax's overwrite-with-gradient
+      collection (`flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`), whose
+      "gradients" are their new values; train the other parameters with
+      optax as usual (`flax.training.train_state.TrainState` does both).
+      Needs the kernel path (not `use_kernels=False`, no `isqrt_chunk`, no
+      sharding layout), one call per step and one device. Linen head only.
     check_values: check finite tokens, non-negative graph, non-empty mask rows
       and finite results of every stage, named in the error. `True` or
       "callback": host callbacks (a small sync per call); "checkify":
@@ -120,6 +129,7 @@ class HeadConfig:
   remat_policy: str | Callable[..., Any] | None = None
   isqrt_chunk: int | None = None
   use_kernels: bool | None = None
+  fused_adamw: FusedAdamW | None = None
   check_values: CheckValues = False
 
   @classmethod
@@ -166,6 +176,18 @@ class HeadConfig:
     _checks.check_mode(self.check_values)
     if self.use_kernels not in (None, True, False):
       raise ValueError(f"use_kernels: expected None, True or False, got {self.use_kernels!r}")
+    if self.fused_adamw is not None:
+      if not isinstance(self.fused_adamw, FusedAdamW):
+        raise ValueError(
+          f"fused_adamw: expected None or a moment_jax.kernels.FusedAdamW, got {self.fused_adamw!r}"
+        )
+      self.fused_adamw.check()
+      if self.use_kernels is False or self.isqrt_chunk is not None:
+        raise ValueError(
+          "fused_adamw: the update runs in the Pallas projection kernel, so it needs "
+          f"use_kernels None or True and isqrt_chunk None, got use_kernels={self.use_kernels!r}, "
+          f"isqrt_chunk={self.isqrt_chunk!r}"
+        )
     if self.policy is not None:
       get_policy(self.policy)
       given = [f for f in _DTYPE_FIELDS if getattr(self, f) != _DEFAULTS[f]]
@@ -245,8 +267,13 @@ class HeadConfig:
     # A custom kernel cannot be split by the SPMD partitioner: under a layout
     # it would gather the weight, so the layout's constraints win.
     if self.isqrt_chunk is not None or self.use_kernels is False or _layout_mesh() is not None:
+      if self.fused_adamw is not None:
+        raise ValueError(
+          "fused_adamw: needs the Pallas projection kernel, which is off under a sharding "
+          "layout, with isqrt_chunk or with use_kernels=False"
+        )
       return False
-    if self.use_kernels:
+    if self.use_kernels or self.fused_adamw is not None:
       return True
     # At HIGHEST precision Triton's products are three TF32 passes, not XLA's
     # float32 ones: close (1e-6) but not equal, so "auto" leaves float32 to XLA.

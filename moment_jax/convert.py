@@ -132,6 +132,7 @@ RUNTIME_FIELDS = (
   "policy",
   "remat_policy",
   "use_kernels",
+  "fused_adamw",
   "isqrt_chunk",
   "check_values",
   "dropout_rate",

@@ -8,11 +8,12 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT
 from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import _deprecated, presets
 from moment_jax.config import CheckValues, HeadConfig, Method, Mlp, Normalization, Space
-from moment_jax.kernels import triu_project
+from moment_jax.kernels import FusedAdamW, triu_project, triu_project_adamw
 from moment_jax.ops import _checks
 from moment_jax.ops.features import feature_size
 from moment_jax.ops.project import project, project_chunked
@@ -63,23 +64,51 @@ class TriangleProjection(nn.Module):
   Pallas backward reads each kernel tile once for both cotangents and never
   builds the `[batch, F]` features. The same parameters as `Projection`.
 
+  With `adamw`, the kernel, its Adam moments `mu`, `nu` and the update count
+  live in the `OVERWRITE_WITH_GRADIENT` collection (the kernel initialised as
+  `nn.Dense`'s) and the backward takes the AdamW step
+  (`kernels.triu_project_adamw`); the bias stays in "params".
+
   Attributes:
     features: output width.
     dtype, param_dtype, precision: as `nn.Dense`.
+    adamw: optional `kernels.FusedAdamW`.
   """
 
   features: int
   dtype: Dtype | None = None
   param_dtype: Dtype = jnp.float32
   precision: PrecisionLike = None
+  adamw: FusedAdamW | None = None
 
   @nn.compact
   def __call__(self, s: jax.Array, extra: jax.Array | None = None) -> jax.Array:
     """`s` `[batch, dim, dim]`, `extra` `[batch, e]` -> `[batch, features]`."""
     dim = s.shape[-1]
     in_features = dim * (dim + 1) // 2 + (0 if extra is None else extra.shape[-1])
-    kernel, bias = _kernel_and_bias(self, in_features)
-    return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
+    if self.adamw is None:
+      kernel, bias = _kernel_and_bias(self, in_features)
+      return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
+    shape = (in_features, self.features)
+    owg = OVERWRITE_WITH_GRADIENT
+    init = nn.initializers.lecun_normal()
+    w = self.variable(owg, "kernel", lambda: init(self.make_rng("params"), shape, self.param_dtype))
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+    md = self.adamw.moment_dtype
+    mu = self.variable(owg, "mu", jnp.zeros, shape, md)
+    nu = self.variable(owg, "nu", jnp.zeros, shape, md)
+    count = self.variable(owg, "count", jnp.zeros, (), jnp.float32)
+    return triu_project_adamw(
+      s,
+      w.value,
+      bias,
+      mu.value,
+      nu.value,
+      count.value,
+      self.adamw,
+      extra=extra,
+      precision=self.precision,
+    )
 
 
 class ChunkedProjection(nn.Module):
@@ -176,6 +205,7 @@ class MomentHead(nn.Module):
   remat_policy: str | Callable[..., Any] | None = None  # None: fastest, most memory
   isqrt_chunk: int | None = None
   use_kernels: bool | None = None
+  fused_adamw: FusedAdamW | None = None
   check_values: CheckValues = False
 
   @classmethod
@@ -209,10 +239,11 @@ class MomentHead(nn.Module):
     if self.is_initializing():
       return
     params = self.variables.get("params", {})
+    proj = self.variables.get(OVERWRITE_WITH_GRADIENT, {}).get("proj", params.get("proj", {}))
     if config.d_reduce is not None and "reduce" in params:
       built = params["reduce"]["kernel"].shape[0]
-    elif config.d_reduce is None and "proj" in params:
-      built = config.width_from_features(params["proj"]["kernel"].shape[0])
+    elif config.d_reduce is None and "kernel" in proj:
+      built = config.width_from_features(proj["kernel"].shape[0])
     else:
       return
     if built != width:
@@ -250,7 +281,8 @@ class MomentHead(nn.Module):
       dtype=pol.param_dtype, param_dtype=pol.param_dtype, precision=pol.matmul, name="proj"
     )
     if cfg.kernel_path(x.shape[-1], pol):
-      y = TriangleProjection(cfg.d_out, **proj_args)(*cfg.parts_fn(pol)(x, graph, mask))
+      tri = TriangleProjection(cfg.d_out, adamw=cfg.fused_adamw, **proj_args)
+      y = tri(*cfg.parts_fn(pol)(x, graph, mask))
     elif cfg.isqrt_chunk is None:
       y = Projection(cfg.d_out, **proj_args)(cfg.feature_fn(pol)(x, graph, mask))
     else:

@@ -161,6 +161,11 @@ class MomentHead(nnx.Module):
       raise TypeError(f"MomentHead: unknown fields {unknown}; HeadConfig has {', '.join(FIELDS)}")
     cfg = dataclasses.replace(config or HeadConfig(), **fields)
     cfg.validate()
+    if cfg.fused_adamw is not None:
+      raise ValueError(
+        "fused_adamw: only the Linen head (moment_jax.MomentHead) runs the fused AdamW "
+        "update so far; train the NNX head with nnx.Optimizer"
+      )
     self.d_in = d_in
     self.config = cfg
 

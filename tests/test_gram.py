@@ -82,12 +82,17 @@ def test_auto_takes_the_cheaper_space():
   assert ops.use_token_space(64, 64, 3, "token") and not ops.use_token_space(9, 24, 3, "channel")
 
 
-def _dots(jaxpr):
+def _dot_operands(jaxpr):
+  """The operand avals of every `dot_general`, sub-jaxprs (pjit, custom rules, loops) included."""
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == "dot_general":
-      yield tuple(v.aval.shape for v in eqn.invars)
+      yield tuple(v.aval for v in eqn.invars)
     for sub in jex_core.jaxprs_in_params(eqn.params):
-      yield from _dots(sub)
+      yield from _dot_operands(sub)
+
+
+def _dots(jaxpr):
+  return (tuple(a.shape for a in avals) for avals in _dot_operands(jaxpr))
 
 
 @pytest.mark.parametrize("k, gemms", [(1, 0), (2, 3), (3, 7)])
@@ -247,3 +252,105 @@ def test_bad_options(kwargs, match):
     ops.moment_features(tokens(), **kwargs)
   with pytest.raises(ValueError, match=match):
     MomentHead(d_out=4, **kwargs).init(jax.random.key(0), tokens(), train=False)
+
+
+def _gram_loss(gram, w):
+  """A scalar of the Gram matrix with a non-symmetric cotangent `w`."""
+  return lambda h, n: jnp.sum(w * jnp.sin(gram(h, n)))
+
+
+def _plain_gram(h, n):
+  """`token_gram` without its derivative rule, differentiated by JAX."""
+  g = jnp.einsum("bnd,bmd->bnm", h, h, precision="highest", preferred_element_type=jnp.float32)
+  return g / n.astype(jnp.float32)[:, None, None]
+
+
+def _gram_case(seed=4):
+  """Masked centred tokens (zero padding rows), their counts and a cotangent weight."""
+  rng = np.random.default_rng(seed)
+  hc, n = ops.center(tokens(seed), jnp.asarray(random_mask(rng, B, N)))
+  return hc, n, jnp.asarray(rng.normal(size=(B, N, N)), jnp.float32)
+
+
+def test_token_gram_forward_is_the_einsum():
+  hc, n, _ = _gram_case()
+  got = jax.jit(lambda h, c: ops.token_gram(h, c, precision="highest"))(hc, n)
+  chex.assert_trees_all_equal(got, jax.jit(_plain_gram)(hc, n))
+
+
+@pytest.mark.parametrize("transform", ["grad", "jit", "vmap", "checkpoint"])
+def test_token_gram_grads_match_autodiff(transform):
+  """Its derivative rule against JAX's derivative of the plain einsum, with respect
+  to the tokens and the counts, float32 at the highest precision: only the
+  summation order differs (one product of the symmetrised cotangent instead of
+  two), ~1e-7 of round-off. The checkpoint is `remat_isqrt`'s."""
+  hc, n, w = _gram_case()
+  gram = functools.partial(ops.token_gram, precision="highest")
+  got, want = (jax.grad(_gram_loss(f, w), argnums=(0, 1)) for f in (gram, _plain_gram))
+  if transform == "jit":
+    got = jax.jit(got)
+  elif transform == "checkpoint":
+    policy = jax.checkpoint_policies.nothing_saveable
+    got = jax.grad(jax.checkpoint(_gram_loss(gram, w), policy=policy), argnums=(0, 1))
+  elif transform == "vmap":  # over two stacked batches: the tokens and twice them
+    dh, dn = jax.vmap(got)(jnp.stack([hc, 2 * hc]), jnp.stack([n, n]))
+    for i, scale in enumerate([1, 2]):
+      want_h, want_n = want(scale * hc, n)
+      assert rel_err(dh[i], want_h) < 1e-6 and rel_err(dn[i][:, None], want_n[:, None]) < 1e-6
+    return
+  dh, dn = got(hc, n)
+  want_h, want_n = want(hc, n)
+  assert dh.dtype == jnp.float32 and dn.dtype == jnp.float32
+  assert rel_err(dh, want_h) < 1e-6 and rel_err(dn[:, None], want_n[:, None]) < 1e-6
+
+
+def test_token_gram_integer_counts():
+  """An integer `n` (no tangent: float0) still gives the token gradient."""
+  hc, _, w = _gram_case()
+  n = jnp.full((B,), N)
+  loss = lambda h: _gram_loss(functools.partial(ops.token_gram, precision="highest"), w)(h, n)
+  want = jax.grad(lambda h: _gram_loss(_plain_gram, w)(h, n))(hc)
+  assert rel_err(jax.grad(loss)(hc), want) < 1e-6
+
+
+def test_token_gram_bfloat16_grads():
+  """bfloat16 tokens get a bfloat16 gradient. Against the float32 derivative of the
+  same (bf16-exact) tokens: the backward rounds the symmetrised cotangent and
+  the result to bf16, unit round-off 2^-8 = 3.9e-3 each, so 1e-2 norm-wise."""
+  hc, n, w = _gram_case()
+  h16, n16 = hc.astype(jnp.bfloat16), n.astype(jnp.bfloat16)
+  got = jax.grad(_gram_loss(ops.token_gram, w))(h16, n16)
+  want = jax.grad(_gram_loss(_plain_gram, w))(h16.astype(jnp.float32), n)
+  assert got.dtype == jnp.bfloat16
+  assert rel_err(got, want) < 1e-2
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_token_gram_bfloat16_backward_has_no_float32_product(remat):
+  """The point of the derivative rule: with bf16 tokens, JAX's own derivative of
+  the float32-accumulated Gram product multiplies the float32 cotangent with
+  upcast tokens (a float32 GEMM); the rule's backward is a bf16 GEMM. Under
+  `remat_isqrt`'s checkpoint too."""
+  hc, n, w = _gram_case()
+  loss = _gram_loss(ops.token_gram, w)
+  if remat:
+    loss = jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable)
+  h16, n16 = hc.astype(jnp.bfloat16), n.astype(jnp.bfloat16)
+  dots = list(_dot_operands(jax.make_jaxpr(jax.grad(loss))(h16, n16).jaxpr))
+  assert all(a.dtype == jnp.bfloat16 for avals in dots for a in avals), dots
+  assert len(dots) == 2 + remat  # the forward (again under remat) and the backward
+
+
+def test_bfloat16_head_step_has_no_float32_token_product():
+  """The whole bfloat16-policy training step in token space: every batched
+  (`[batch, ., .]`) product, forward and backward, takes bf16 operands (the
+  float32 ones left are the `[batch, features]` output projection's)."""
+  head = MomentHead(d_out=4, isqrt_iterations=3, policy="bfloat16", isqrt_space="token")
+  x = tokens()
+  v = head.init(jax.random.key(0), x, G, train=False)
+  jaxpr = jax.make_jaxpr(lambda p, t: head_grads(head, {**v, "params": p}, t, G, key=1))(
+    v["params"], x
+  ).jaxpr
+  batched = [avals for avals in _dot_operands(jaxpr) if all(a.ndim == 3 for a in avals)]
+  assert batched
+  assert not [s for s in batched if any(a.dtype == jnp.float32 for a in s)], batched

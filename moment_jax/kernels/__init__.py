@@ -1,5 +1,11 @@
 """Pallas kernels (GPU Triton backend; interpreted on CPU) for the head's hot spots."""
 
-from moment_jax.kernels.triu_project import Tiles, default_tiles, triu_project
+from moment_jax.kernels.triu_project import (
+  FusedAdamW,
+  Tiles,
+  default_tiles,
+  triu_project,
+  triu_project_adamw,
+)
 
-__all__ = ["Tiles", "default_tiles", "triu_project"]
+__all__ = ["FusedAdamW", "Tiles", "default_tiles", "triu_project", "triu_project_adamw"]

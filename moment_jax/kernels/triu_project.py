@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +39,16 @@ from jax.experimental.pallas import triton as plgpu
 
 from moment_jax.ops import split_matmul, triu_vector
 
-__all__ = ["Tiles", "default_tiles", "flops", "hbm_bytes", "is_highest", "triu_project"]
+__all__ = [
+  "FusedAdamW",
+  "Tiles",
+  "default_tiles",
+  "flops",
+  "hbm_bytes",
+  "is_highest",
+  "triu_project",
+  "triu_project_adamw",
+]
 
 # Triton's tensor-core dot needs every block dimension to be at least 16.
 _MIN_DOT_BLOCK = 16
@@ -91,6 +100,70 @@ class Tiles:
 
 
 @dataclasses.dataclass(frozen=True)
+class FusedAdamW:
+  """AdamW for the projection kernel, applied inside its backward kernel.
+
+  The same update as `optax.adamw(learning_rate, b1, b2, eps,
+  weight_decay=weight_decay, mu_dtype=moment_dtype)` on the kernel's
+  gradient (`eps_root = 0`, no mask, no Nesterov), with both moments stored
+  in `moment_dtype` (optax keeps `nu` in float32). The backward reads each
+  kernel tile once for the cotangent of S and the update, and writes the
+  new kernel and moments in place: the gradient itself is never written.
+
+  Attributes:
+    learning_rate: a float or an optax schedule `count -> rate` (called with
+      the update count before this step, as optax does).
+    b1, b2, eps, weight_decay: as `optax.adamw`.
+    moment_dtype: dtype of both moments (float32 or bfloat16).
+  """
+
+  learning_rate: float | Callable[[jax.Array], jax.Array] = 1e-3
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+  weight_decay: float = 1e-4
+  moment_dtype: Any = jnp.float32
+
+  def check(self) -> None:
+    for f in ("b1", "b2"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+        raise ValueError(f"fused_adamw.{f}: expected a float in [0, 1), got {v!r}")
+    for f in ("eps", "weight_decay"):
+      v = getattr(self, f)
+      if isinstance(v, bool) or not isinstance(v, (int, float)) or not v >= 0.0:
+        raise ValueError(f"fused_adamw.{f}: expected a float >= 0, got {v!r}")
+    lr = self.learning_rate
+    if not callable(lr) and (isinstance(lr, bool) or not isinstance(lr, (int, float))):
+      raise ValueError(
+        f"fused_adamw.learning_rate: expected a float or a schedule callable, got {lr!r}"
+      )
+    if jnp.dtype(self.moment_dtype) not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+      raise ValueError(
+        f"fused_adamw.moment_dtype: expected float32 or bfloat16, got {self.moment_dtype!r}"
+      )
+
+  def hyper(self, count: jax.Array) -> jax.Array:
+    """`[4]` float32: the learning rate and both bias corrections of the step after `count`."""
+    count = jnp.asarray(count, jnp.float32)
+    lr = self.learning_rate(count) if callable(self.learning_rate) else self.learning_rate
+    t = count + 1.0
+    return jnp.stack(
+      [jnp.asarray(lr, jnp.float32), 1.0 - self.b1**t, 1.0 - self.b2**t, jnp.zeros((), jnp.float32)]
+    ).astype(jnp.float32)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Adam:
+  """The static part of `FusedAdamW` (in the kernel plan)."""
+
+  b1: float
+  b2: float
+  eps: float
+  weight_decay: float
+
+
+@dataclasses.dataclass(frozen=True)
 class _Plan:
   """Static shapes, dtypes and launch of one call (custom_vjp's static argument)."""
 
@@ -105,6 +178,7 @@ class _Plan:
   forward: str  # "xla" | "kernel"
   interpret: bool
   tiles: Tiles
+  adam: _Adam | None = None
 
   @property
   def tri(self) -> int:
@@ -282,11 +356,47 @@ def _fwd_kernel(plan: _Plan, s_ref, w_ref, *refs):
   plgpu.store(o_ref.at[g_id, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
 
 
+def _adamw_tile(plan: _Plan, opt, w: jax.Array, dw: jax.Array, p0, n0) -> None:
+  """Applies `FusedAdamW` to one `[k, n]` tile: reads the moments, writes the
+  new kernel and moments (optax.adamw's arithmetic, in float32)."""
+  hyper_ref, mu_ref, nu_ref, w_out, mu_out, nu_out = opt
+  a = plan.adam
+  assert a is not None
+  bk, bn = dw.shape
+  h = plgpu.load(hyper_ref.at[pl.ds(0, 4)])
+  pick = lambda i: jnp.sum(jnp.where(jnp.arange(4) == i, h, 0.0))
+  lr, c1, c2 = pick(0), pick(1), pick(2)
+  mu = _load_2d(mu_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
+  nu = _load_2d(nu_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
+  mu = a.b1 * mu + (1.0 - a.b1) * dw
+  nu = a.b2 * nu + (1.0 - a.b2) * (dw * dw)
+  w = w.astype(jnp.float32)
+  update = (mu / c1) / (jnp.sqrt(nu / c2) + a.eps) + a.weight_decay * w
+  _store_2d(w_out, w + (-lr) * update, p0, n0, plan.rows, plan.d_out)
+  _store_2d(mu_out, mu, p0, n0, plan.rows, plan.d_out)
+  _store_2d(nu_out, nu, p0, n0, plan.rows, plan.d_out)
+
+
+def _split_refs(plan: _Plan, refs, n_in: int):
+  """(x_ref, optimizer refs or None, outputs) from a kernel's trailing refs:
+  inputs `[hyper, mu, nu]` (with `plan.adam`), then `[x]` (with `extra`), then
+  `n_in` more unused inputs; the outputs follow."""
+  refs = list(refs)
+  opt_in = [refs.pop(0) for _ in range(3)] if plan.adam else []
+  x_ref = refs.pop(0) if plan.extra else None
+  del refs[:n_in]
+  return x_ref, opt_in, refs
+
+
 def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
-  if plan.extra:
-    x_ref, ds_ref, dw_ref, dx_ref = refs
+  x_ref, opt_in, outs = _split_refs(plan, refs, 0)
+  if plan.adam:
+    ds_ref, w_out, mu_out, nu_out, *dx = outs
+    opt = (*opt_in, w_out, mu_out, nu_out)
+    dw_ref = None
   else:
-    (ds_ref, dw_ref), x_ref, dx_ref = refs, None, None
+    ds_ref, dw_ref, *dx = outs
+  dx_ref = dx[0] if plan.extra else None
   t = plan.tiles
   bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
   n_blocks, m_blocks, _ = plan.bwd_blocks
@@ -303,22 +413,28 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
       w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.mm_dtype)
       g = _load_2d(dy_ref, m0, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
       dw = _dot(f, g, (0, 0), plan.precision)  # [k, n]
+      df = df + _dot(g, w, (1, 1), plan.precision)  # [m, k], with the old W
+      if plan.adam:
+        _adamw_tile(plan, opt, w, dw, p0, n0)
+        return df
       if accumulate:
         dw = dw + _load_2d(dw_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
       _store_2d(dw_ref, dw, p0, n0, plan.rows, plan.d_out)
-      return df + _dot(g, w, (1, 1), plan.precision)  # [m, k]
+      return df
 
     df = lax.fori_loop(0, n_blocks, step, jnp.zeros((bm, bk), jnp.float32))
     _store_cotangent(plan, ds_ref, dx_ref, df, p, p, rows)
 
   batch_block(0, accumulate=False)
   if m_blocks > 1:
+    assert not plan.adam  # _backward splits the kernel then
     # Later batch blocks add to the dW tile this program wrote (its own rows only).
     lax.fori_loop(1, m_blocks, lambda m, c: (batch_block(m, accumulate=True), c)[1], 0)
 
 
 def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
-  x_ref, dw_ref = (refs[0], refs[1]) if plan.extra else (None, refs[0])
+  w_ref = refs[0] if plan.adam else None  # then dS: an ordering dependency only
+  x_ref, opt_in, outs = _split_refs(plan, refs[2:] if plan.adam else refs, 0)
   t = plan.tiles
   bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
   _, m_blocks, _ = plan.bwd_blocks
@@ -331,7 +447,11 @@ def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
     return acc + _dot(f, g, (0, 0), plan.precision)
 
   acc = lax.fori_loop(0, m_blocks, step, jnp.zeros((bk, bn), jnp.float32))
-  _store_2d(dw_ref, acc, p0, n0, plan.rows, plan.d_out)
+  if plan.adam:
+    w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
+    _adamw_tile(plan, (*opt_in, *outs), w, acc, p0, n0)
+  else:
+    _store_2d(outs[0], acc, p0, n0, plan.rows, plan.d_out)
 
 
 def _ds_kernel(plan: _Plan, w_ref, dy_ref, *refs):
@@ -351,13 +471,14 @@ def _ds_kernel(plan: _Plan, w_ref, dy_ref, *refs):
   _store_cotangent(plan, ds_ref, dx_ref, df, p, p, m0 + jnp.arange(bm))
 
 
-def _call(plan: _Plan, kernel, out_shape, grid, warps: int, name: str):
+def _call(plan: _Plan, kernel, out_shape, grid, warps: int, name: str, aliases=None):
   return pl.pallas_call(
     functools.partial(kernel, plan),
     out_shape=out_shape,
     grid=grid,
     interpret=plan.interpret,
     name=name,
+    input_output_aliases=aliases or {},
     compiler_params=plgpu.CompilerParams(num_warps=warps, num_stages=plan.tiles.stages),
   )
 
@@ -380,28 +501,63 @@ def _forward(
 
 
 def _backward(
-  plan: _Plan, s: jax.Array, kernel: jax.Array, extra: jax.Array | None, dy: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+  plan: _Plan,
+  s: jax.Array,
+  kernel: jax.Array,
+  extra: jax.Array | None,
+  dy: jax.Array,
+  opt: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+) -> tuple[jax.Array, Any, jax.Array | None]:
+  """(dS, dW or (new kernel, new mu, new nu) with `opt = (hyper, mu, nu)`, dx)."""
   d2 = plan.dim * plan.dim
   s2 = s.reshape(plan.batch, d2)
   xs = [] if extra is None else [extra]
   ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), s.dtype)]
   dx_shape = [] if extra is None else [jax.ShapeDtypeStruct(extra.shape, extra.dtype)]
-  dw_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+  w_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
+  opt_in = [] if opt is None else list(opt)
+  # The new kernel and moments overwrite the old ones (when the caller donates them).
+  w_outs = (
+    [w_shape]
+    if opt is None
+    else [w_shape] + [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in opt[1:]]
+  )
   n_blocks, m_blocks, tiles = plan.bwd_blocks
   warps = plan.tiles.bwd_warps
-  if plan.split_backward:
-    dw = _call(plan, _dw_kernel, dw_shape, (n_blocks, tiles), warps, "triu_project_bwd_dw")(
-      s2, dy, *xs
-    )
+  if plan.split_backward or (opt is not None and m_blocks > 1):
     ds, *dx = _call(
       plan, _ds_kernel, ds_shape + dx_shape, (m_blocks, tiles), warps, "triu_project_bwd_ds"
     )(kernel, dy)
+    if opt is None:
+      w_new = _call(plan, _dw_kernel, w_shape, (n_blocks, tiles), warps, "triu_project_bwd_dw")(
+        s2, dy, *xs
+      )
+    else:
+      # Inputs s, dy, kernel, dS, hyper, mu, nu, [x]: the kernel is updated in place
+      # after the dS kernel (an input here) has read it.
+      w_new = _call(
+        plan,
+        _dw_kernel,
+        w_outs,
+        (n_blocks, tiles),
+        warps,
+        "triu_project_bwd_adamw",
+        aliases={2: 0, 5: 1, 6: 2},
+      )(s2, dy, kernel, ds, *opt_in, *xs)
   else:
-    ds, dw, *dx = _call(
-      plan, _bwd_fused_kernel, ds_shape + [dw_shape] + dx_shape, (tiles,), warps, "triu_project_bwd"
-    )(s2, kernel, dy, *xs)
-  return ds.reshape(s.shape), dw, (dx[0] if plan.extra else None)
+    aliases = None if opt is None else {1: 1, 4: 2, 5: 3}
+    ds, *rest = _call(
+      plan,
+      _bwd_fused_kernel,
+      ds_shape + w_outs + dx_shape,
+      (tiles,),
+      warps,
+      "triu_project_bwd" if opt is None else "triu_project_bwd_adamw",
+      aliases=aliases,
+    )(s2, kernel, dy, *opt_in, *xs)
+    n_w = len(w_outs)
+    w_new, dx = (rest[0] if opt is None else rest[:n_w]), rest[n_w:]
+  return ds.reshape(s.shape), w_new, (dx[0] if plan.extra else None)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -456,6 +612,52 @@ def _check_float(name: str, x: jax.Array) -> None:
     raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
 
 
+def _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles, adam=None) -> _Plan:
+  """Checks `triu_project`'s arguments and plans its kernels."""
+  if s.ndim != 3 or s.shape[1] != s.shape[2]:
+    raise ValueError(f"s: expected [batch, dim, dim] square matrices, got shape {s.shape}")
+  batch, dim, _ = s.shape
+  n_extra = 0
+  if extra is not None:
+    if extra.ndim != 2 or extra.shape[0] != batch:
+      raise ValueError(f"extra: expected [batch={batch}, extra_dim], got shape {extra.shape}")
+    _check_float("extra", extra)
+    n_extra = extra.shape[1]
+  rows = dim * (dim + 1) // 2 + n_extra
+  if kernel.ndim != 2 or kernel.shape[0] != rows:
+    raise ValueError(
+      f"kernel: expected [{rows}, d_out] (dim={dim}: {rows - n_extra} triangle rows"
+      f" + {n_extra} extra), got shape {kernel.shape}"
+    )
+  if bias.shape != (kernel.shape[1],):
+    raise ValueError(f"bias: expected [d_out={kernel.shape[1]}], got shape {bias.shape}")
+  for name, x in (("s", s), ("kernel", kernel), ("bias", bias)):
+    _check_float(name, x)
+  if dim >= 2048:
+    raise ValueError(f"s: expected dim < 2048 (float32 row recovery), got {dim}")
+  if forward not in ("xla", "kernel"):
+    raise ValueError(f"forward: expected 'xla' or 'kernel', got {forward!r}")
+  if interpret is None:
+    interpret = jax.default_backend() != "gpu"
+  tiles = default_tiles(batch) if tiles is None else tiles
+  tiles.check(compiled=not interpret)
+  plan = _Plan(
+    batch=batch,
+    dim=dim,
+    extra=n_extra,
+    d_out=kernel.shape[1],
+    mm_dtype=jnp.dtype(kernel.dtype),
+    bias_dtype=jnp.dtype(bias.dtype),
+    precision=_kernel_precision(precision, bool(interpret)),
+    xla_precision=precision,
+    forward=forward,
+    interpret=bool(interpret),
+    tiles=tiles,
+    adam=adam,
+  )
+  return plan
+
+
 def triu_project(
   s: jax.Array,
   kernel: jax.Array,
@@ -506,47 +708,91 @@ def triu_project(
     >>> triu_project(s, w, b).shape
     (2, 3)
   """
-  if s.ndim != 3 or s.shape[1] != s.shape[2]:
-    raise ValueError(f"s: expected [batch, dim, dim] square matrices, got shape {s.shape}")
-  batch, dim, _ = s.shape
-  n_extra = 0
-  if extra is not None:
-    if extra.ndim != 2 or extra.shape[0] != batch:
-      raise ValueError(f"extra: expected [batch={batch}, extra_dim], got shape {extra.shape}")
-    _check_float("extra", extra)
-    n_extra = extra.shape[1]
-  rows = dim * (dim + 1) // 2 + n_extra
-  if kernel.ndim != 2 or kernel.shape[0] != rows:
-    raise ValueError(
-      f"kernel: expected [{rows}, d_out] (dim={dim}: {rows - n_extra} triangle rows"
-      f" + {n_extra} extra), got shape {kernel.shape}"
-    )
-  if bias.shape != (kernel.shape[1],):
-    raise ValueError(f"bias: expected [d_out={kernel.shape[1]}], got shape {bias.shape}")
-  for name, x in (("s", s), ("kernel", kernel), ("bias", bias)):
-    _check_float(name, x)
-  if dim >= 2048:
-    raise ValueError(f"s: expected dim < 2048 (float32 row recovery), got {dim}")
-  if forward not in ("xla", "kernel"):
-    raise ValueError(f"forward: expected 'xla' or 'kernel', got {forward!r}")
-  if interpret is None:
-    interpret = jax.default_backend() != "gpu"
-  tiles = default_tiles(batch) if tiles is None else tiles
-  tiles.check(compiled=not interpret)
-  plan = _Plan(
-    batch=batch,
-    dim=dim,
-    extra=n_extra,
-    d_out=kernel.shape[1],
-    mm_dtype=jnp.dtype(kernel.dtype),
-    bias_dtype=jnp.dtype(bias.dtype),
-    precision=_kernel_precision(precision, bool(interpret)),
-    xla_precision=precision,
-    forward=forward,
-    interpret=bool(interpret),
-    tiles=tiles,
-  )
+  plan = _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles)
   return _triu_project(plan, s, kernel, bias, extra)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _triu_project_adamw(plan: _Plan, adamw: FusedAdamW, s, kernel, bias, extra, mu, nu, count):
+  return _forward(plan, s, kernel, bias, extra)
+
+
+def _triu_project_adamw_fwd(plan: _Plan, adamw: FusedAdamW, s, kernel, bias, extra, mu, nu, count):
+  return _forward(plan, s, kernel, bias, extra), (s, kernel, extra, mu, nu, count)
+
+
+def _triu_project_adamw_bwd(plan: _Plan, adamw: FusedAdamW, res, dy):
+  s, kernel, extra, mu, nu, count = res
+  ds, (w, mu, nu), dx = _backward(plan, s, kernel, extra, dy, (adamw.hyper(count), mu, nu))
+  db = jnp.sum(dy, axis=0).astype(plan.bias_dtype)
+  return ds, w, db, dx, mu, nu, count + 1
+
+
+_triu_project_adamw.defvjp(_triu_project_adamw_fwd, _triu_project_adamw_bwd)
+
+
+def triu_project_adamw(
+  s: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  mu: jax.Array,
+  nu: jax.Array,
+  count: jax.Array,
+  adamw: FusedAdamW,
+  *,
+  extra: jax.Array | None = None,
+  precision: PrecisionLike = None,
+  interpret: bool | None = None,
+  tiles: Tiles | None = None,
+) -> jax.Array:
+  """`triu_project` whose backward also takes one AdamW step on `kernel`.
+
+  The forward is `triu_project`'s. In reverse mode the "cotangents" of
+  `kernel`, `mu`, `nu` and `count` are their NEW VALUES after one
+  `FusedAdamW` step on the kernel's gradient (which is never written to
+  memory); `s`, `bias` and `extra` get their true cotangents. This is Flax's
+  overwrite-with-gradient convention (`flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`,
+  which `flax.training.train_state.TrainState.apply_gradients` honours):
+  keep the four arrays in that collection and replace them by their
+  "gradients". It therefore needs the whole gradient of one call: one call
+  per step, on one device (no gradient all-reduce or accumulation between
+  the backward and the update), and no gradient clipping of the kernel.
+
+  Args:
+    s, kernel, bias, extra, precision, interpret, tiles: as `triu_project`.
+    mu, nu: `[F + extra_dim, d_out]` Adam moments, in `adamw.moment_dtype`.
+    count: float32 scalar, updates applied so far (exact up to 2^24 steps).
+    adamw: the optimizer's hyperparameters.
+
+  Returns:
+    `[batch, d_out]`, as `triu_project`.
+
+  Example:
+    >>> s = jnp.ones((2, 4, 4)); w = jnp.ones((10, 3)); b = jnp.zeros(3)
+    >>> mu = nu = jnp.zeros_like(w); opt = FusedAdamW(learning_rate=0.1)
+    >>> loss = lambda w: triu_project_adamw(s, w, b, mu, nu, jnp.zeros(()), opt).sum()
+    >>> new_w = jax.grad(loss)(w)   # the kernel after one AdamW step
+    >>> bool(jnp.all(new_w < w))
+    True
+  """
+  if not isinstance(adamw, FusedAdamW):
+    raise ValueError(f"adamw: expected a FusedAdamW, got {type(adamw).__name__}")
+  adamw.check()
+  for name, m in (("mu", mu), ("nu", nu)):
+    if m.shape != kernel.shape or m.dtype != jnp.dtype(adamw.moment_dtype):
+      raise ValueError(
+        f"{name}: expected {kernel.shape} {jnp.dtype(adamw.moment_dtype)} (the kernel's shape, "
+        f"adamw.moment_dtype), got {m.shape} {m.dtype}"
+      )
+  if jnp.shape(count) != () or jnp.asarray(count).dtype != jnp.float32:
+    raise ValueError(
+      f"count: expected a float32 scalar, got {jnp.shape(count)} {jnp.asarray(count).dtype}"
+    )
+  if kernel.dtype != jnp.float32:
+    raise ValueError(f"kernel: the fused AdamW update keeps a float32 kernel, got {kernel.dtype}")
+  adam = _Adam(float(adamw.b1), float(adamw.b2), float(adamw.eps), float(adamw.weight_decay))
+  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adam)
+  return _triu_project_adamw(plan, adamw, s, kernel, bias, extra, mu, nu, count)
 
 
 def hbm_bytes(

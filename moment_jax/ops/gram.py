@@ -19,11 +19,13 @@ It pays off whenever tokens are fewer than channels (`use_token_space`).
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
+from jax.custom_derivatives import SymbolicZero
 
 from moment_jax.ops import _checks
 from moment_jax.ops.sqrtm import (
@@ -118,9 +120,41 @@ def token_gram(
 ) -> jax.Array:
   """`[batch, tokens, tokens]` Gram matrix `hc hc^T / n` of centred tokens,
   in `hc`'s dtype, at least float32 (GEMMs accumulate in float32)."""
+  return _gram(hc, n, precision)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _gram(hc: jax.Array, n: jax.Array, precision: PrecisionLike) -> jax.Array:
   acc = jnp.promote_types(hc.dtype, jnp.float32)
   g = jnp.einsum("bnd,bmd->bnm", hc, hc, precision=precision, preferred_element_type=acc)
   return g / n.astype(acc)[:, None, None]
+
+
+def _gram_jvp(precision: PrecisionLike, primals: tuple, tangents: tuple) -> tuple:
+  """`dG = (dH hc^T + hc dH^T) / n - G dn / n`. JAX transposes it into the
+  backward: `dH = ((dG + dG^T) / n) hc`, one GEMM."""
+  (hc, n), (dhc, dn) = primals, tangents
+  g = _gram(hc, n, precision)
+  n = n.astype(g.dtype)[:, None, None]
+  terms = []
+  if not _is_zero(dhc):
+    # In hc's dtype, not the forward's float32: then the backward rounds dG to bf16 once and runs
+    # a bf16 GEMM, as every bf16-policy product does, not a float32 one on upcast tokens.
+    half = jnp.einsum(
+      "bnd,bmd->bnm", dhc, hc, precision=precision, preferred_element_type=hc.dtype
+    ).astype(g.dtype)
+    terms.append((half + jnp.swapaxes(half, -1, -2)) / n)
+  if not _is_zero(dn):
+    terms.append(-g * (dn.astype(g.dtype)[:, None, None] / n))
+  return g, sum(terms[1:], terms[0]) if terms else jnp.zeros_like(g)
+
+
+def _is_zero(t: Any) -> bool:
+  """A tangent known to be zero: symbolic, or of an integer input (float0)."""
+  return isinstance(t, SymbolicZero) or t.dtype == jax.dtypes.float0
+
+
+_gram.defjvp(_gram_jvp, symbolic_zeros=True)
 
 
 def gram_sqrtm(

@@ -1,0 +1,115 @@
+"""Tile sweep of the Pallas projection backward, and of the XLA forward's split-K.
+
+  PYTHONPATH=. python benchmarks/kernel_sweep.py --json out/kernel_sweep.json
+
+For the bfloat16 policy's operands (bf16 S, float32 W, DEFAULT precision),
+D=768, d_out=512 and each batch in --batches, it times the backward of
+`triu_project` alone (the VJP applied to a fixed cotangent; the unused
+forward is dead code) for each tile setting in `BWD`, and the XLA forward
+`triu_vector(S) @ W` split into c contraction pieces for c in `PIECES`
+(`ops.split_matmul` uses 128). Medians of --reps timings of --inner
+back-to-back calls (benchmarks/kernels.py's method), beside the copy
+ceiling's floor for the bytes each must move. Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import jax
+import jax.numpy as jnp
+
+from moment_jax.kernels import default_tiles, triu_project
+from moment_jax.ops import triu_vector
+
+sys.path.insert(0, os.path.dirname(__file__))
+from kernels import D_OUT, D, ceilings, inputs, timeit  # noqa: E402
+
+BWD = (  # changes to default_tiles(batch)
+  {},
+  dict(bwd_n=128),
+  dict(bwd_n=256),
+  dict(bwd_n=128, bwd_warps=8),
+  dict(bwd_n=256, bwd_warps=8),
+  dict(bwd_k=32),
+  dict(bwd_k=32, bwd_n=128),
+  dict(bwd_k=32, bwd_n=256, bwd_warps=8),
+  dict(bwd_k=128, bwd_warps=8),
+  dict(bwd_warps=8),
+  dict(stages=2),
+  dict(stages=4),
+  dict(bwd_n=128, stages=2),
+  dict(bwd_m=128, bwd_split=False, bwd_warps=8),
+  dict(bwd_m=128, bwd_n=128, bwd_split=False, bwd_warps=8),
+  dict(bwd_split=True),
+)
+PIECES = (16, 32, 64, 128)
+
+
+def split_product(x, w, c):
+  k, n = w.shape
+  parts = jax.lax.dot_general(
+    x.reshape(-1, c, k // c),
+    w.reshape(c, k // c, n),
+    (((2,), (1,)), ((1,), (0,))),
+    preferred_element_type=jnp.float32,
+  )
+  return jnp.sum(parts, axis=0)
+
+
+def main(argv=None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+  ap.add_argument(
+    "--batches", type=int, nargs="+", default=[64, 128, 256], help="default: 64 128 256"
+  )
+  ap.add_argument("--reps", type=int, default=5, help="timings per setting (default: 5)")
+  ap.add_argument("--inner", type=int, default=5, help="calls per timing (default: 5)")
+  ap.add_argument("--json", default=None, help="write the rows here")
+  a = ap.parse_args(argv)
+  ceil = ceilings(a.reps, a.inner)
+  bw = ceil["copy_GBps"] * 1e9
+  rows = []
+  print(f"{jax.devices()[0].device_kind}: copy {ceil['copy_GBps']:.0f} GB/s")
+  for b in a.batches:
+    s, w, bias = inputs(b, D, D_OUT, jnp.bfloat16)
+    dy = jax.random.normal(jax.random.key(3), (b, D_OUT), jnp.float32)
+    rows_w = w.shape[0]
+    bwd_bytes = 2 * rows_w * D_OUT * 4 + b * rows_w * 2 + b * D * D * 2
+    for change in BWD:
+      tiles = dataclasses.replace(default_tiles(b), **change)
+      f = lambda s, w, bias, t=tiles: triu_project(s, w, bias, tiles=t)
+      vjp = jax.jit(lambda s, w, bias, dy, f=f: jax.vjp(f, s, w, bias)[1](dy))
+      try:
+        t = timeit(vjp, (s, w, bias, dy), a.reps, a.inner)
+      except Exception as e:  # a setting Triton cannot compile is reported, not fatal
+        print(f"B={b} bwd {change}: failed: {type(e).__name__}: {str(e)[:200]}")
+        continue
+      r = dict(batch=b, what="bwd", change=change, ms=1e3 * t, floor_ms=1e3 * bwd_bytes / bw)
+      rows.append(r)
+      print(f"B={b:4d} bwd {str(change):60s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+    fwd_bytes = rows_w * D_OUT * 4 + b * rows_w * 2
+    for c in PIECES:
+      fwd = jax.jit(lambda s, w, c=c: split_product(triu_vector(s).astype(w.dtype), w, c))
+      t = timeit(fwd, (s, w), a.reps, a.inner)
+      r = dict(batch=b, what="fwd", pieces=c, ms=1e3 * t, floor_ms=1e3 * fwd_bytes / bw)
+      rows.append(r)
+      print(f"B={b:4d} fwd pieces={c:<4d} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+    fwd = jax.jit(lambda s, w: split_product(triu_vector(s), w.astype(jnp.bfloat16), 128))
+    t = timeit(fwd, (s, w), a.reps, a.inner)
+    rows.append(dict(batch=b, what="fwd", pieces="128-bf16w", ms=1e3 * t))
+    print(f"B={b:4d} fwd pieces=128, W cast to bf16 {1e3 * t:.3f} ms")
+    del s, w
+  if a.json:
+    with open(a.json, "w") as fh:
+      json.dump(dict(device=jax.devices()[0].device_kind, ceilings=ceil, rows=rows), fh, indent=1)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
