@@ -136,6 +136,50 @@ def parity(b: int, steps: int = 3) -> dict:
               losses=(out["kernel_loss"], out["fused_loss"]))  # fmt: skip
 
 
+def op_parity(b: int, moment_dtype=jnp.float32) -> dict:
+  """One update at full size from the same S, kernel, moments and cotangent:
+  `triu_project_adamw` against `triu_project`'s gradient fed to optax.adamw
+  (max |diff| / max |value| of the new kernel and moments, and of dS)."""
+  from moment_jax.kernels import triu_project, triu_project_adamw
+
+  k = jax.random.split(jax.random.key(5), 6)
+  f = D * (D + 1) // 2
+  s = jax.random.normal(k[0], (b, D, D), jnp.bfloat16)
+  w = jax.random.normal(k[1], (f, 512), jnp.float32) / np.sqrt(f)
+  mu = (1e-3 * jax.random.normal(k[2], w.shape)).astype(moment_dtype)
+  nu = (1e-6 * jax.random.uniform(k[3], w.shape)).astype(moment_dtype)
+  bias = jnp.zeros((512,), jnp.float32)
+  dy = jax.random.normal(k[4], (b, 512), jnp.float32)
+  count = jnp.asarray(7.0, jnp.float32)
+  opt = FusedAdamW(LR, weight_decay=WD, moment_dtype=moment_dtype)
+  fused = jax.jit(
+    lambda s, w, mu, nu, c: jax.vjp(
+      lambda s, w, mu, nu, c: triu_project_adamw(s, w, bias, mu, nu, c, opt), s, w, mu, nu, c
+    )[1](dy)
+  )
+  ds_f, w_f, mu_f, nu_f, c_f = fused(s, w, mu, nu, count)
+  ds_r, dw = jax.jit(lambda s, w: jax.vjp(lambda s, w: triu_project(s, w, bias), s, w)[1](dy))(s, w)
+  tx = optax.adamw(LR, weight_decay=WD, mu_dtype=moment_dtype)
+  st = tx.init(w)
+  adam = st[0]._replace(count=jnp.asarray(7, jnp.int32), mu=mu, nu=nu.astype(jnp.float32))
+  upd, st2 = jax.jit(tx.update)(dw, (adam, *st[1:]), w)
+  w_r = optax.apply_updates(w, upd)
+  rel = lambda a, r: float(
+    jnp.max(jnp.abs(a.astype(jnp.float32) - r.astype(jnp.float32)))
+    / jnp.max(jnp.abs(r.astype(jnp.float32)))
+  )
+  return dict(
+    batch=b,
+    moment_dtype=str(jnp.dtype(moment_dtype)),
+    kernel=rel(w_f, w_r),
+    step=rel(w_f - w, w_r - w),
+    mu=rel(mu_f, st2[0].mu),
+    nu=rel(nu_f, st2[0].nu),
+    dS=rel(ds_f, ds_r),
+    count=float(c_f),
+  )
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument("--batch", type=int, nargs="+", default=[64], help="batch sizes (default: 64)")
@@ -143,6 +187,7 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=20, help="timed steps (default: 20)")
   ap.add_argument("--warmup", type=int, default=3, help="warm-up steps (default: 3)")
   ap.add_argument("--json", default=None, help="write the rows here")
+  ap.add_argument("--parity-only", action="store_true", help="only the full-size parity checks")
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   a = ap.parse_args(argv)
   if a.worker:
@@ -152,6 +197,11 @@ def main(argv=None) -> int:
   rows = []
   dev = jax.devices()[0].device_kind
   for b in a.batch:
+    for md in (jnp.float32, jnp.bfloat16):
+      rows.append(dict(kind="op_parity", **op_parity(b, md)))
+      print(rows[-1], flush=True)
+    if a.parity_only:
+      continue
     rows.append(dict(kind="parity", **parity(b)))
     print(rows[-1], flush=True)
     for v in a.variants:  # a fresh process per variant: its own device peak

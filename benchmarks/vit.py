@@ -36,9 +36,9 @@ from moment_jax import MomentHead, grid_graph
 from moment_jax.kernels import FusedAdamW
 from moment_jax.ops._checks import check_int
 
-Pooling = Literal["mean", "head", "fused"]
+Pooling = Literal["mean", "head", "fused", "fused16"]
 Attention = Literal["auto", "xla", "cudnn"]
-POOLINGS: tuple[Pooling, ...] = ("mean", "head", "fused")
+POOLINGS: tuple[Pooling, ...] = ("mean", "head", "fused", "fused16")
 ATTENTIONS: tuple[Attention, ...] = ("auto", "xla", "cudnn")
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 
@@ -172,12 +172,13 @@ class ViT(nn.Module):
     `global_pool="avg"`, whose final norm is `fc_norm`, after the pooling);
   * "head": LayerNorm on the tokens, `MomentHead.from_preset(head_preset,
     policy=head_policy)` with `grid_graph(side, side)`, Dense(classes);
-  * "fused": the same head with `fused_adamw=head_adamw` (its projection
-    kernel's AdamW step inside the backward kernel).
+  * "fused", "fused16": the same head with `fused_adamw=head_adamw` (its
+    projection kernel's AdamW step inside the backward kernel; benchmarks/e2e.py
+    gives "fused16" bfloat16 moments).
 
   Attributes:
     config: sizes (`ViTConfig`).
-    pooling: "mean", "head" or "fused".
+    pooling: "mean", "head", "fused" or "fused16".
     head_preset: the moment head's preset.
     head_policy: the moment head's precision policy.
     head_adamw: the `FusedAdamW` of the "fused" pooling.
@@ -230,9 +231,9 @@ class ViT(nn.Module):
       y = nn.LayerNorm(epsilon=LN_EPS, name="fc_norm", **kw)(y)
     else:
       x = nn.LayerNorm(epsilon=LN_EPS, name="norm", **kw)(x)
-      fused = self.head_adamw if self.pooling == "fused" else None
-      if self.pooling == "fused" and fused is None:
-        raise ValueError("head_adamw: the 'fused' pooling needs a FusedAdamW")
+      fused = self.head_adamw if self.pooling.startswith("fused") else None
+      if self.pooling.startswith("fused") and fused is None:
+        raise ValueError(f"head_adamw: the {self.pooling!r} pooling needs a FusedAdamW")
       head = MomentHead.from_preset(
         self.head_preset, policy=self.head_policy, fused_adamw=fused, name="head"
       )

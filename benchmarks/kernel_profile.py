@@ -1,6 +1,6 @@
 """Per-kernel device profile of the head's training step on the GPU.
 
-  PYTHONPATH=. python benchmarks/profile.py --batch 64 --policy bfloat16 --out out/
+  PYTHONPATH=. python benchmarks/kernel_profile.py --batch 64 --policy bfloat16 --out out/
 
 For each batch, policy and `use_kernels` setting, it compiles the
 forward+backward of the optimized head with token gradients (as under a
