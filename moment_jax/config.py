@@ -93,9 +93,10 @@ class HeadConfig:
       kernel and its moments then live in Flax's overwrite-with-gradient
       collection (`flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`), whose
       "gradients" are their new values; train the other parameters with
-      optax as usual (`flax.training.train_state.TrainState` does both).
+      optax as usual (`flax.training.train_state.TrainState` does both; the
+      NNX head holds them as `moment_jax.nnx.FusedState`, see its recipe).
       Needs the kernel path (not `use_kernels=False`, no `isqrt_chunk`, no
-      sharding layout), one call per step and one device. Linen head only.
+      sharding layout), one call per step and one device.
     check_values: check finite tokens, non-negative graph, non-empty mask rows
       and finite results of every stage, named in the error. `True` or
       "callback": host callbacks (a small sync per call); "checkify":

@@ -18,14 +18,50 @@ from flax.typing import Dtype, PrecisionLike
 
 from moment_jax import _trees
 from moment_jax.config import FIELDS, HeadConfig
-from moment_jax.kernels import triu_project
+from moment_jax.kernels import FusedAdamW, triu_project, triu_project_adamw
 from moment_jax.ops import _checks
 from moment_jax.ops.project import project, project_chunked
 
-__all__ = ["MomentHead", "Projection", "linen_to_nnx", "nnx_to_linen"]
+__all__ = ["FusedState", "MomentHead", "Projection", "linen_to_nnx", "nnx_to_linen"]
 
 # Deprecated: the configuration fields, now `moment_jax.config.FIELDS`.
 CONFIG_FIELDS: tuple[str, ...] = FIELDS
+
+# `flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`, the Linen collection of a fused
+# head's `FusedState` variables (spelled out: this module does not import Linen).
+_OWG = "_overwrite_with_gradient"
+
+
+class FusedState(nnx.Variable):
+  """A variable whose gradient is its new value: after `nnx.grad` w.r.t. it,
+  assign the gradient (`nnx.update(model, grads)`) instead of giving it to an
+  optimizer.
+
+  NNX's form of Flax's overwrite-with-gradient collection: with
+  `HeadConfig.fused_adamw`, the projection's kernel, its Adam moments `mu`,
+  `nu` and the update count are `FusedState`s, whose "gradients" from
+  `kernels.triu_project_adamw` are their values after the AdamW step. Take
+  gradients w.r.t. `nnx.Param` and `FusedState`, give the `Param` part to
+  the optimizer (built with `wrt=nnx.Param`, so it keeps no state for the
+  kernel) and assign the rest. Call the head once per gradient: a second
+  call would add two new values, no call would give zeros.
+
+  Example:
+    >>> import optax
+    >>> from moment_jax.kernels import FusedAdamW
+    >>> model = MomentHead.from_preset("optimized", 8, d_out=16, use_kernels=True,
+    ...     fused_adamw=FusedAdamW(learning_rate=1e-2), rngs=nnx.Rngs(0))
+    >>> optimizer = nnx.Optimizer(model, optax.adamw(1e-2), wrt=nnx.Param)
+    >>> tokens, graph = jnp.ones((4, 16, 8)), grid_graph(4, 4)
+    >>> loss_fn = lambda model: jnp.mean(model(tokens, graph) ** 2)
+    >>> diff = nnx.DiffState(0, nnx.Any(nnx.Param, FusedState))
+    >>> loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model)
+    >>> fused, params = nnx.split_state(grads, FusedState, ...)
+    >>> _ = optimizer.update(model, params)   # the bias, BatchNorm: optax AdamW
+    >>> nnx.update(model, fused)              # the kernel, mu, nu, count: assigned
+    >>> int(model.proj.count[...])
+    1
+  """
 
 
 def _keep_dtypes(
@@ -50,10 +86,18 @@ class Projection(nnx.Module):
   out on a mesh by the logical names of `ops.project` under
   `moment_jax.sharding.use_layout` (the state's path rules: `head_rules`).
 
+  With `adamw`, as `moment_jax.linen.TriangleProjection`'s: the kernel (the
+  same draw), its Adam moments `mu`, `nu` (zeros, `adamw.moment_dtype`) and
+  the update count `count` (float32 zero) are `FusedState`s, and `triangle`
+  is `kernels.triu_project_adamw`, whose backward takes the AdamW step; the
+  bias stays an `nnx.Param`, and the XLA paths (`__call__`, `chunked`) are
+  refused.
+
   Args:
     in_features: `F`.
     features: `d_out`.
     dtype, param_dtype, precision: as `nnx.Linear`.
+    adamw: optional `kernels.FusedAdamW`.
     rngs: draws the kernel from the `params` stream.
   """
 
@@ -65,6 +109,7 @@ class Projection(nnx.Module):
     dtype: Dtype | None = None,
     param_dtype: Dtype = jnp.float32,
     precision: PrecisionLike = None,
+    adamw: FusedAdamW | None = None,
     rngs: nnx.Rngs,
   ):
     self.in_features = in_features
@@ -72,12 +117,24 @@ class Projection(nnx.Module):
     self.dtype = dtype
     self.param_dtype = param_dtype
     self.precision = precision
-    self.kernel = nnx.Param(
-      nnx.initializers.lecun_normal()(rngs.params(), (in_features, features), param_dtype)
-    )
+    self.adamw = adamw
+    shape = (in_features, features)
+    kernel = nnx.initializers.lecun_normal()(rngs.params(), shape, param_dtype)
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype))
+    if adamw is None:
+      self.kernel: nnx.Variable[jax.Array] = nnx.Param(kernel)
+    else:
+      self.kernel = FusedState(kernel)
+      self.mu = FusedState(jnp.zeros(shape, adamw.moment_dtype))
+      self.nu = FusedState(jnp.zeros(shape, adamw.moment_dtype))
+      self.count = FusedState(jnp.zeros((), jnp.float32))
 
   def _weights(self) -> tuple[jax.Array, jax.Array]:
+    if self.adamw is not None:
+      raise ValueError(
+        "fused_adamw: the projection's AdamW step runs in the Pallas kernel, so only "
+        "Projection.triangle runs with FusedState weights"
+      )
     return nnx.nn.dtypes.promote_dtype((self.kernel[...], self.bias[...]), dtype=self.dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -87,7 +144,20 @@ class Projection(nnx.Module):
 
   def triangle(self, s: jax.Array, extra: jax.Array | None = None) -> jax.Array:
     """`triu_vector(s)` (then `extra`) times the kernel, by the Pallas kernel
-    `moment_jax.kernels.triu_project` (as `moment_jax.linen.TriangleProjection`)."""
+    `moment_jax.kernels.triu_project` (as `moment_jax.linen.TriangleProjection`);
+    with `adamw`, `kernels.triu_project_adamw`."""
+    if self.adamw is not None:
+      return triu_project_adamw(
+        s,
+        self.kernel[...],
+        self.bias[...],
+        self.mu[...],
+        self.nu[...],
+        self.count[...],
+        self.adamw,
+        extra=extra,
+        precision=self.precision,
+      )
     kernel, bias = self._weights()
     return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
 
@@ -127,6 +197,12 @@ class MomentHead(nnx.Module):
   mode (batch statistics, dropout on); `model.eval()` switches BatchNorm to
   its running statistics and turns dropout off, `model.train()` back.
 
+  With `fused_adamw` (`HeadConfig`), the projection's kernel, Adam moments
+  and update count are `FusedState`s: take gradients w.r.t.
+  `nnx.Any(nnx.Param, FusedState)`, give the `Param`s to an
+  `nnx.Optimizer(model, tx, wrt=nnx.Param)` and assign the `FusedState`s'
+  gradients, their new values (`nnx.update`; `FusedState` has the recipe).
+
   Args:
     d_in: token width `dim` of the inputs (NNX creates parameters eagerly).
     config: a `HeadConfig` (default: its defaults).
@@ -161,11 +237,6 @@ class MomentHead(nnx.Module):
       raise TypeError(f"MomentHead: unknown fields {unknown}; HeadConfig has {', '.join(FIELDS)}")
     cfg = dataclasses.replace(config or HeadConfig(), **fields)
     cfg.validate()
-    if cfg.fused_adamw is not None:
-      raise ValueError(
-        "fused_adamw: only the Linen head (moment_jax.MomentHead) runs the fused AdamW "
-        "update so far; train the NNX head with nnx.Optimizer"
-      )
     self.d_in = d_in
     self.config = cfg
 
@@ -190,6 +261,7 @@ class MomentHead(nnx.Module):
       dtype=pol.param_dtype,
       param_dtype=pol.param_dtype,
       precision=pol.matmul,
+      adamw=cfg.fused_adamw,
       rngs=rngs,
     )
     self.norm = nnx.BatchNorm(
@@ -272,16 +344,33 @@ def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
 
   Args:
     variables: `{"params": ..., "batch_stats": ...}` from the Linen head's
-      `init` (or training); `batch_stats` may be omitted.
+      `init` (or training); `batch_stats` may be omitted. With `fused_adamw`,
+      also the overwrite-with-gradient collection
+      (`flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`: the kernel, `mu`, `nu`,
+      `count`), loaded into the head's `FusedState`s.
     model: an NNX head of the same configuration and `d_in`.
 
   Returns:
     `model`, whose parameters and batch statistics are now `variables`'.
-    A missing or extra entry, or a shape or dtype that differs, raises
-    `ValueError` and leaves `model` untouched.
+    A missing or extra entry or collection, or a shape or dtype that
+    differs, raises `ValueError` and leaves `model` untouched.
   """
+  fused = model.config.fused_adamw is not None
+  if fused != (_OWG in variables):
+    raise ValueError(
+      f"variables: the NNX head has fused_adamw={model.config.fused_adamw!r}, so expected "
+      f"{'an' if fused else 'no'} {_OWG!r} collection (a Linen head with fused_adamw keeps "
+      f"the projection's kernel, mu, nu and count there), got {sorted(variables)}; "
+      f"nothing was loaded"
+    )
+  kinds: list[tuple[str, type[nnx.Variable[Any]]]] = [
+    ("params", nnx.Param),
+    ("batch_stats", nnx.BatchStat),
+  ]
+  if fused:
+    kinds.append((_OWG, FusedState))
   updates = []
-  for collection, kind in (("params", nnx.Param), ("batch_stats", nnx.BatchStat)):
+  for collection, kind in kinds:
     if collection not in variables:
       if collection == "params":
         raise ValueError(f"variables: expected a 'params' collection, got {sorted(variables)}")
@@ -300,12 +389,17 @@ def linen_to_nnx(variables: Mapping[str, Any], model: MomentHead) -> MomentHead:
 
 
 def nnx_to_linen(model: MomentHead) -> dict[str, Any]:
-  """The Linen variables `{"params": ..., "batch_stats": ...}` of an NNX head.
+  """The Linen variables `{"params": ..., "batch_stats": ...}` of an NNX head
+  (with `fused_adamw`, also the overwrite-with-gradient collection of its
+  `FusedState`s, `flax.linen.fp8_ops.OVERWRITE_WITH_GRADIENT`).
 
   `moment_jax.MomentHead.from_config(model.config).apply(nnx_to_linen(model),
   tokens, train=...)` gives the NNX head's numbers.
   """
-  return {
+  variables = {
     "params": nnx.to_pure_dict(nnx.state(model, nnx.Param)),
     "batch_stats": nnx.to_pure_dict(nnx.state(model, nnx.BatchStat)),
   }
+  if model.config.fused_adamw is not None:
+    variables[_OWG] = nnx.to_pure_dict(nnx.state(model, FusedState))
+  return variables

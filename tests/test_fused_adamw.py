@@ -12,13 +12,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from flax import nnx
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT as OWG
 from flax.training import train_state
 
 from moment_jax import MomentHead, grid_graph
 from moment_jax.kernels import FusedAdamW, Tiles, triu_project, triu_project_adamw
-from moment_jax.nnx import MomentHead as NNXHead
 from moment_jax.ops import split_matmul, triu_vector
 
 DIM, D_OUT = 12, 24  # F = 78: several row tiles of 16
@@ -187,5 +185,3 @@ def test_head_refuses_without_kernel_path():
     MomentHead(isqrt_chunk=2, fused_adamw=opt).validate()
   with pytest.raises(ValueError, match="fused_adamw: expected None or a moment_jax.kernels"):
     MomentHead(fused_adamw=optax.adamw(1e-3)).validate()
-  with pytest.raises(ValueError, match="fused_adamw: only the Linen head"):
-    NNXHead(8, fused_adamw=opt, rngs=nnx.Rngs(0))
