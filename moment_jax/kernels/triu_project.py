@@ -603,10 +603,11 @@ def default_tiles(batch: int) -> Tiles:
   """The tiles measured best on an H100 (benchmarks/kernels.py --sweep) for this batch."""
   if batch <= 64:
     return Tiles()
-  # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16),
-  # and 128-row backward tiles on 8 warps ran the split backward 9-12% faster
-  # (benchmarks/kernel_sweep.py, H100: B=128 1.10 ms, not 1.21; B=256 1.95, not 2.21).
-  return Tiles(fwd_m=128, fwd_warps=8, bwd_k=128, bwd_warps=8)
+  # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16).
+  # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
+  # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
+  # at B=128 0.4 ms slower: H100, docs/performance.md.)
+  return Tiles(fwd_m=128, fwd_warps=8)
 
 
 def _check_float(name: str, x: jax.Array) -> None:
