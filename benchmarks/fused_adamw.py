@@ -39,8 +39,11 @@ from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT as OWG
 from moment_jax import MomentHead, grid_graph
 from moment_jax.kernels import FusedAdamW
 
+sys.path.insert(0, os.path.dirname(__file__))
+from e2e import LR, time_steps  # noqa: E402  (the same AdamW and timing as e2e.py)
+from e2e import WEIGHT_DECAY as WD  # noqa: E402
+
 N, D, SIDE = 196, 768, 14
-LR, WD = 1e-4, 0.05
 VARIANTS = ("xla", "kernel", "kernel-mu16", "fused", "fused-16")
 ROW = "ROW "
 
@@ -90,32 +93,23 @@ def kernel_of(state):
 
 
 def run_variant(variant: str, b: int, steps: int, warmup: int) -> dict:
-  import statistics
-  import time
-
   step, state, tokens = build(variant, b)
   compiled = step.lower(state, tokens).compile()
   mem = compiled.memory_analysis()
-  for _ in range(warmup):
-    state, loss, dt = compiled(state, tokens)
-  jax.block_until_ready(state)
-  times = []
-  for _ in range(steps):
-    t = time.perf_counter()
-    state, loss, dt = compiled(state, tokens)
-    jax.block_until_ready((state, loss, dt))
-    times.append(time.perf_counter() - t)
-  t = time.perf_counter()
-  for _ in range(steps):
-    state, loss, dt = compiled(state, tokens)
-  jax.block_until_ready((state, loss, dt))
-  pipelined = (time.perf_counter() - t) / steps
+  box = [state]
+
+  def one():  # the token gradient is dropped at once: time_steps keeps what this returns
+    box[0], loss, _ = compiled(box[0], tokens)
+    return box[0], loss
+
+  ms, pipelined, outs = time_steps(one, jax.block_until_ready, warmup, steps)
+  loss = outs[-1][1]
   stats = jax.devices()[0].memory_stats() or {}
   return dict(
     variant=variant,
     batch=b,
-    ms=1e3 * statistics.median(times),
-    ms_pipelined=1e3 * pipelined,
+    ms=ms,
+    ms_pipelined=pipelined,
     peak_mb=stats.get("peak_bytes_in_use", 0) / 1e6 or None,
     temp_mb=mem.temp_size_in_bytes / 1e6 if mem else None,
     loss=float(loss),

@@ -148,19 +148,8 @@ class FusedAdamW:
     count = jnp.asarray(count, jnp.float32)
     lr = self.learning_rate(count) if callable(self.learning_rate) else self.learning_rate
     t = count + 1.0
-    return jnp.stack(
-      [jnp.asarray(lr, jnp.float32), 1.0 - self.b1**t, 1.0 - self.b2**t, jnp.zeros((), jnp.float32)]
-    ).astype(jnp.float32)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Adam:
-  """The static part of `FusedAdamW` (in the kernel plan)."""
-
-  b1: float
-  b2: float
-  eps: float
-  weight_decay: float
+    # Padded to 4 entries: the kernels load it as one power-of-two block.
+    return jnp.stack([jnp.asarray(lr, jnp.float32), 1.0 - self.b1**t, 1.0 - self.b2**t, 0.0 * t])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +167,7 @@ class _Plan:
   forward: str  # "xla" | "kernel"
   interpret: bool
   tiles: Tiles
-  adam: _Adam | None = None
+  adam: FusedAdamW | None = None
 
   @property
   def tri(self) -> int:
@@ -356,16 +345,22 @@ def _fwd_kernel(plan: _Plan, s_ref, w_ref, *refs):
   plgpu.store(o_ref.at[g_id, pl.ds(m0, bm), pl.ds(n0, bn)], acc, mask=mask)
 
 
-def _adamw_tile(plan: _Plan, opt, w: jax.Array, dw: jax.Array, p0, n0) -> None:
-  """Applies `FusedAdamW` to one `[k, n]` tile: reads the moments, writes the
-  new kernel and moments (optax.adamw's arithmetic, in float32)."""
-  hyper_ref, mu_ref, nu_ref, w_out, mu_out, nu_out = opt
-  a = plan.adam
-  assert a is not None
-  bk, bn = dw.shape
+def _hyper(hyper_ref) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The learning rate and both bias corrections (`FusedAdamW.hyper`) as scalars."""
   h = plgpu.load(hyper_ref.at[pl.ds(0, 4)])
   pick = lambda i: jnp.sum(jnp.where(jnp.arange(4) == i, h, 0.0))
-  lr, c1, c2 = pick(0), pick(1), pick(2)
+  return pick(0), pick(1), pick(2)
+
+
+def _adamw_tile(plan: _Plan, hyper, opt, w: jax.Array, dw: jax.Array, p0, n0) -> None:
+  """Applies `FusedAdamW` to one `[k, n]` tile: reads the moments, writes the
+  new kernel and moments (optax.adamw's arithmetic, in float32). `hyper` is
+  `_hyper`'s; `opt` the refs `(mu, nu, new kernel, new mu, new nu)`."""
+  mu_ref, nu_ref, w_out, mu_out, nu_out = opt
+  a = plan.adam
+  assert a is not None
+  lr, c1, c2 = hyper
+  bk, bn = dw.shape
   mu = _load_2d(mu_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
   nu = _load_2d(nu_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
   mu = a.b1 * mu + (1.0 - a.b1) * dw
@@ -377,22 +372,22 @@ def _adamw_tile(plan: _Plan, opt, w: jax.Array, dw: jax.Array, p0, n0) -> None:
   _store_2d(nu_out, nu, p0, n0, plan.rows, plan.d_out)
 
 
-def _split_refs(plan: _Plan, refs, n_in: int):
-  """(x_ref, optimizer refs or None, outputs) from a kernel's trailing refs:
-  inputs `[hyper, mu, nu]` (with `plan.adam`), then `[x]` (with `extra`), then
-  `n_in` more unused inputs; the outputs follow."""
+def _split_refs(plan: _Plan, refs):
+  """(x_ref, optimizer inputs, outputs) from a kernel's trailing refs: inputs
+  `[hyper, mu, nu]` (with `plan.adam`, else none), then `[x]` (with `extra`);
+  the outputs follow."""
   refs = list(refs)
   opt_in = [refs.pop(0) for _ in range(3)] if plan.adam else []
   x_ref = refs.pop(0) if plan.extra else None
-  del refs[:n_in]
   return x_ref, opt_in, refs
 
 
 def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
-  x_ref, opt_in, outs = _split_refs(plan, refs, 0)
+  x_ref, opt_in, outs = _split_refs(plan, refs)
   if plan.adam:
     ds_ref, w_out, mu_out, nu_out, *dx = outs
-    opt = (*opt_in, w_out, mu_out, nu_out)
+    hyper = _hyper(opt_in[0])  # once per program, not per tile
+    opt = (*opt_in[1:], w_out, mu_out, nu_out)
     dw_ref = None
   else:
     ds_ref, dw_ref, *dx = outs
@@ -415,7 +410,7 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
       dw = _dot(f, g, (0, 0), plan.precision)  # [k, n]
       df = df + _dot(g, w, (1, 1), plan.precision)  # [m, k], with the old W
       if plan.adam:
-        _adamw_tile(plan, opt, w, dw, p0, n0)
+        _adamw_tile(plan, hyper, opt, w, dw, p0, n0)
         return df
       if accumulate:
         dw = dw + _load_2d(dw_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
@@ -434,7 +429,7 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
 
 def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
   w_ref = refs[0] if plan.adam else None  # then dS: an ordering dependency only
-  x_ref, opt_in, outs = _split_refs(plan, refs[2:] if plan.adam else refs, 0)
+  x_ref, opt_in, outs = _split_refs(plan, refs[2:] if plan.adam else refs)
   t = plan.tiles
   bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
   _, m_blocks, _ = plan.bwd_blocks
@@ -449,7 +444,7 @@ def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
   acc = lax.fori_loop(0, m_blocks, step, jnp.zeros((bk, bn), jnp.float32))
   if plan.adam:
     w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
-    _adamw_tile(plan, (*opt_in, *outs), w, acc, p0, n0)
+    _adamw_tile(plan, _hyper(opt_in[0]), (*opt_in[1:], *outs), w, acc, p0, n0)
   else:
     _store_2d(outs[0], acc, p0, n0, plan.rows, plan.d_out)
 
@@ -715,18 +710,19 @@ def triu_project(
   return _triu_project(plan, s, kernel, bias, extra)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _triu_project_adamw(plan: _Plan, adamw: FusedAdamW, s, kernel, bias, extra, mu, nu, count):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _triu_project_adamw(plan: _Plan, s, kernel, bias, extra, mu, nu, count):
   return _forward(plan, s, kernel, bias, extra)
 
 
-def _triu_project_adamw_fwd(plan: _Plan, adamw: FusedAdamW, s, kernel, bias, extra, mu, nu, count):
+def _triu_project_adamw_fwd(plan: _Plan, s, kernel, bias, extra, mu, nu, count):
   return _forward(plan, s, kernel, bias, extra), (s, kernel, extra, mu, nu, count)
 
 
-def _triu_project_adamw_bwd(plan: _Plan, adamw: FusedAdamW, res, dy):
+def _triu_project_adamw_bwd(plan: _Plan, res, dy):
   s, kernel, extra, mu, nu, count = res
-  ds, (w, mu, nu), dx = _backward(plan, s, kernel, extra, dy, (adamw.hyper(count), mu, nu))
+  assert plan.adam is not None
+  ds, (w, mu, nu), dx = _backward(plan, s, kernel, extra, dy, (plan.adam.hyper(count), mu, nu))
   db = jnp.sum(dy, axis=0).astype(plan.bias_dtype)
   return ds, w, db, dx, mu, nu, count + 1
 
@@ -793,9 +789,8 @@ def triu_project_adamw(
     )
   if kernel.dtype != jnp.float32:
     raise ValueError(f"kernel: the fused AdamW update keeps a float32 kernel, got {kernel.dtype}")
-  adam = _Adam(float(adamw.b1), float(adamw.b2), float(adamw.eps), float(adamw.weight_decay))
-  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adam)
-  return _triu_project_adamw(plan, adamw, s, kernel, bias, extra, mu, nu, count)
+  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adamw)
+  return _triu_project_adamw(plan, s, kernel, bias, extra, mu, nu, count)
 
 
 def hbm_bytes(
