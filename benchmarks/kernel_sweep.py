@@ -5,7 +5,10 @@
 For the bfloat16 policy's operands (bf16 S, float32 W, DEFAULT precision),
 D=768, d_out=512 and each batch in --batches, it times the backward of
 `triu_project` alone (the VJP applied to a fixed cotangent; the unused
-forward is dead code) for each tile setting in `BWD`, and the XLA forward
+forward is dead code) for each tile setting in `BWD` and each product
+operand dtype in --operands (`triu_project(dtype=...)`), the fused AdamW
+backward (`triu_project_adamw`, kernel and moments donated and fed back, for
+float32 and bfloat16 moments) for the tiles in `FUSED`, and the XLA forward
 `triu_vector(S) @ W` split into c contraction pieces for c in `PIECES`
 (`ops.split_matmul` uses 128). Medians of --reps timings of --inner
 back-to-back calls (benchmarks/kernels.py's method), beside the copy
@@ -18,14 +21,16 @@ import argparse
 import dataclasses
 import json
 import os
+import statistics
 import sys
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
 import jax
 import jax.numpy as jnp
 
-from moment_jax.kernels import default_tiles, triu_project
+from moment_jax.kernels import FusedAdamW, default_tiles, triu_project, triu_project_adamw
 from moment_jax.ops import triu_vector
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -49,7 +54,37 @@ BWD = (  # changes to default_tiles(batch)
   dict(bwd_m=128, bwd_n=128, bwd_split=False, bwd_warps=8),
   dict(bwd_split=True),
 )
+FUSED = (  # changes to default_tiles(batch, moment dtype), for the fused AdamW backward
+  {},
+  dict(bwd_m=128, bwd_split=False, bwd_warps=8),
+  dict(bwd_k=32),
+  dict(bwd_k=64),
+  dict(bwd_k=128, bwd_warps=8),
+)
 PIECES = (16, 32, 64, 128)
+
+
+def time_fused(b, s, w, bias, dy, moment_dtype, operands, tiles, reps, inner) -> float:
+  """Median seconds of one fused AdamW backward, its state donated and fed back."""
+  opt = FusedAdamW(learning_rate=1e-4, moment_dtype=moment_dtype)
+
+  def update(w, mu, nu, count, s, dy):
+    f = lambda w, mu, nu, c: triu_project_adamw(
+      s, w, bias, mu, nu, c, opt, dtype=operands, tiles=tiles
+    )
+    return jax.vjp(f, w, mu, nu, count)[1](dy)
+
+  run = jax.jit(update, donate_argnums=(0, 1, 2))
+  state = (w + 0.0, jnp.zeros_like(w, moment_dtype), jnp.zeros_like(w, moment_dtype), jnp.zeros(()))
+  state = jax.block_until_ready(run(*state, s, dy))
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    for _ in range(inner):
+      state = run(*state, s, dy)
+    jax.block_until_ready(state)
+    times.append((time.perf_counter() - t) / inner)
+  return statistics.median(times)
 
 
 def split_product(x, w, c):
@@ -70,6 +105,13 @@ def main(argv=None) -> int:
   )
   ap.add_argument("--reps", type=int, default=5, help="timings per setting (default: 5)")
   ap.add_argument("--inner", type=int, default=5, help="calls per timing (default: 5)")
+  ap.add_argument(
+    "--operands",
+    nargs="+",
+    default=["float32", "bfloat16"],
+    help="product operand dtypes (triu_project's dtype; default: float32 bfloat16)",
+  )
+  ap.add_argument("--no-sweep", action="store_true", help="only the default tiles of `BWD`")
   ap.add_argument("--json", default=None, help="write the rows here")
   a = ap.parse_args(argv)
   ceil = ceilings(a.reps, a.inner)
@@ -81,18 +123,40 @@ def main(argv=None) -> int:
     dy = jax.random.normal(jax.random.key(3), (b, D_OUT), jnp.float32)
     rows_w = w.shape[0]
     bwd_bytes = 2 * rows_w * D_OUT * 4 + b * rows_w * 2 + b * D * D * 2
-    for change in BWD:
-      tiles = dataclasses.replace(default_tiles(b), **change)
-      f = lambda s, w, bias, t=tiles: triu_project(s, w, bias, tiles=t)
-      vjp = jax.jit(lambda s, w, bias, dy, f=f: jax.vjp(f, s, w, bias)[1](dy))
-      try:
-        t = timeit(vjp, (s, w, bias, dy), a.reps, a.inner)
-      except Exception as e:  # a setting Triton cannot compile is reported, not fatal
-        print(f"B={b} bwd {change}: failed: {type(e).__name__}: {str(e)[:200]}")
-        continue
-      r = dict(batch=b, what="bwd", change=change, ms=1e3 * t, floor_ms=1e3 * bwd_bytes / bw)
-      rows.append(r)
-      print(f"B={b:4d} bwd {str(change):60s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+    fused_bytes = {
+      md: 2 * rows_w * D_OUT * (4 + 2 * jnp.dtype(md).itemsize) + b * rows_w * 2 + b * D * D * 2
+      for md in ("float32", "bfloat16")
+    }
+    for op in a.operands:
+      for change in BWD[:1] if a.no_sweep else BWD:
+        tiles = dataclasses.replace(default_tiles(b), **change)
+        f = lambda s, w, bias, t=tiles, op=op: triu_project(s, w, bias, tiles=t, dtype=op)
+        vjp = jax.jit(lambda s, w, bias, dy, f=f: jax.vjp(f, s, w, bias)[1](dy))
+        try:
+          t = timeit(vjp, (s, w, bias, dy), a.reps, a.inner)
+        except Exception as e:  # a setting Triton cannot compile is reported, not fatal
+          print(f"B={b} bwd {op} {change}: failed: {type(e).__name__}: {str(e)[:200]}")
+          continue
+        r = dict(
+          batch=b, what="bwd", operands=op, change=change, ms=1e3 * t, floor_ms=1e3 * bwd_bytes / bw
+        )
+        rows.append(r)
+        print(f"B={b:4d} bwd {op:8s} {str(change):56s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+      for md in ("float32", "bfloat16"):
+        for change in FUSED:
+          tiles = dataclasses.replace(default_tiles(b, md), **change)
+          try:
+            t = time_fused(b, s, w, bias, dy, md, op, tiles, a.reps, a.inner)
+          except Exception as e:
+            print(f"B={b} fused {op} {md} {change}: failed: {type(e).__name__}: {str(e)[:200]}")
+            continue
+          fl = 1e3 * fused_bytes[md] / bw
+          r = dict(
+            batch=b, what="fused", operands=op, moments=md, change=change, ms=1e3 * t, floor_ms=fl
+          )
+          rows.append(r)
+          label = f"fused {op:8s} mom={md:8s} {change}"
+          print(f"B={b:4d} {label:64s} {r['ms']:.3f} ms  floor {fl:.3f}")
     fwd_bytes = rows_w * D_OUT * 4 + b * rows_w * 2
     for c in PIECES:
       fwd = jax.jit(lambda s, w, c=c: split_product(triu_vector(s).astype(w.dtype), w, c))

@@ -22,13 +22,16 @@ from moment_jax.precision import Policy
 __all__ = ["ChunkedProjection", "MomentHead", "Projection", "TriangleProjection"]
 
 
-def _kernel_and_bias(module: nn.Module, in_features: int) -> tuple[jax.Array, jax.Array]:
+def _kernel_and_bias(
+  module: nn.Module, in_features: int, promote: bool = True
+) -> tuple[jax.Array, jax.Array]:
   """`nn.Dense`'s parameters (names, shapes, initialisers), promoted to `module.dtype`."""
   kernel = module.param(
     "kernel", nn.initializers.lecun_normal(), (in_features, module.features), module.param_dtype
   )
   bias = module.param("bias", nn.initializers.zeros_init(), (module.features,), module.param_dtype)
-  kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=module.dtype)
+  if promote:
+    kernel, bias = nn.dtypes.promote_dtype(kernel, bias, dtype=module.dtype)
   return kernel, bias
 
 
@@ -71,7 +74,10 @@ class TriangleProjection(nn.Module):
 
   Attributes:
     features: output width.
-    dtype, param_dtype, precision: as `nn.Dense`.
+    dtype: the products' operand dtype (`kernels.triu_project`'s `dtype`):
+      as `nn.Dense`'s, except that the kernel is rounded tile by tile inside
+      the kernels, never copied; default the kernel's.
+    param_dtype, precision: as `nn.Dense`.
     adamw: optional `kernels.FusedAdamW`.
   """
 
@@ -87,8 +93,8 @@ class TriangleProjection(nn.Module):
     dim = s.shape[-1]
     in_features = dim * (dim + 1) // 2 + (0 if extra is None else extra.shape[-1])
     if self.adamw is None:
-      kernel, bias = _kernel_and_bias(self, in_features)
-      return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
+      kernel, bias = _kernel_and_bias(self, in_features, promote=False)
+      return triu_project(s, kernel, bias, extra=extra, precision=self.precision, dtype=self.dtype)
     shape = (in_features, self.features)
     owg = OVERWRITE_WITH_GRADIENT
     init = nn.initializers.lecun_normal()
@@ -108,6 +114,7 @@ class TriangleProjection(nn.Module):
       self.adamw,
       extra=extra,
       precision=self.precision,
+      dtype=self.dtype,
     )
 
 
@@ -274,14 +281,16 @@ class MomentHead(nn.Module):
     x = tokens.astype(pol.compute_dtype)
     if cfg.d_reduce is not None:
       x = dense(cfg.d_reduce, name="reduce")(x)
-    # The projection runs in the parameter dtype: casting its [F, d_out] kernel
-    # (151M entries at D=768) to a bf16 compute dtype would add a copy of it to
-    # the residuals and one to its gradient; casting the features is cheap.
+    # The XLA paths' projection runs in the parameter dtype: casting its [F, d_out]
+    # kernel (151M entries at D=768) to a bf16 compute dtype would add a copy of it
+    # to the residuals and one to its gradient; casting the features is cheap. The
+    # kernels round the kernel's tiles to the compute dtype in registers instead.
     proj_args: dict[str, Any] = dict(
       dtype=pol.param_dtype, param_dtype=pol.param_dtype, precision=pol.matmul, name="proj"
     )
     if cfg.kernel_path(x.shape[-1], pol):
-      tri = TriangleProjection(cfg.d_out, adamw=cfg.fused_adamw, **proj_args)
+      tri_args = proj_args | dict(dtype=pol.compute_dtype)
+      tri = TriangleProjection(cfg.d_out, adamw=cfg.fused_adamw, **tri_args)
       y = tri(*cfg.parts_fn(pol)(x, graph, mask))
     elif cfg.isqrt_chunk is None:
       y = Projection(cfg.d_out, **proj_args)(cfg.feature_fn(pol)(x, graph, mask))

@@ -142,10 +142,14 @@ class Projection(nnx.Module):
     kernel, bias = self._weights()
     return project(x, kernel, bias, self.precision)
 
-  def triangle(self, s: jax.Array, extra: jax.Array | None = None) -> jax.Array:
+  def triangle(
+    self, s: jax.Array, extra: jax.Array | None = None, *, dtype: Dtype | None = None
+  ) -> jax.Array:
     """`triu_vector(s)` (then `extra`) times the kernel, by the Pallas kernel
     `moment_jax.kernels.triu_project` (as `moment_jax.linen.TriangleProjection`);
-    with `adamw`, `kernels.triu_project_adamw`."""
+    with `adamw`, `kernels.triu_project_adamw`. `dtype`: the products' operand
+    dtype (`triu_project`'s; the kernel is never copied), default `self.dtype`."""
+    dtype = self.dtype if dtype is None else dtype
     if self.adamw is not None:
       return triu_project_adamw(
         s,
@@ -157,9 +161,10 @@ class Projection(nnx.Module):
         self.adamw,
         extra=extra,
         precision=self.precision,
+        dtype=dtype,
       )
-    kernel, bias = self._weights()
-    return triu_project(s, kernel, bias, extra=extra, precision=self.precision)
+    w, b = self.kernel[...], self.bias[...]
+    return triu_project(s, w, b, extra=extra, precision=self.precision, dtype=dtype)
 
   def chunked(
     self,
@@ -314,7 +319,7 @@ class MomentHead(nnx.Module):
     if cfg.d_reduce is not None:
       x = self.reduce(x)
     if cfg.kernel_path(x.shape[-1], pol):
-      y = self.proj.triangle(*cfg.parts_fn(pol)(x, graph, mask))
+      y = self.proj.triangle(*cfg.parts_fn(pol)(x, graph, mask), dtype=pol.compute_dtype)
     elif cfg.isqrt_chunk is None:
       y = self.proj(cfg.feature_fn(pol)(x, graph, mask))
     else:

@@ -109,15 +109,19 @@ def test_e2e_tiny_jax(tmp_path):
     assert len(r["losses"]) == warmup + 2 * steps
     assert np.all(np.isfinite(r["losses"]))
     assert r["attention_kernel"] == "xla"  # no cuDNN on CPU
-  # The fused AdamW head trains as the head under optax.adamw: same initial values,
-  # equal first steps. Then they drift apart slowly: the projection bias's exact
-  # gradient is 0 (BatchNorm follows), and Adam turns the two paths' different
-  # round-off into different steps of up to lr.
+  # The fused AdamW head trains as the head under optax.adamw: the same first loss
+  # (same parameters; on CPU the head runs the XLA path, the fused one the
+  # kernels' bf16 products), then they drift apart: the projection bias's exact
+  # gradient is 0 (BatchNorm over 2 samples follows), and Adam turns the two
+  # paths' different round-off into different steps of up to lr. (The update
+  # itself is checked against optax in test_fused_adamw.py.)
   fused, head = rows["fused"]["losses"], rows["head"]["losses"]
-  np.testing.assert_allclose(fused[:3], head[:3], rtol=1e-2)
-  np.testing.assert_allclose(fused, head, rtol=5e-2)
+  np.testing.assert_allclose(fused[0], head[0], rtol=1e-3)
+  np.testing.assert_allclose(fused, head, rtol=1e-1)
   assert rows["fused"]["params"] == rows["head"]["params"] == rows["fused16"]["params"]
-  np.testing.assert_allclose(rows["fused16"]["losses"][:3], head[:3], rtol=2e-2)  # bf16 moments
+  fused16 = rows["fused16"]["losses"]  # bf16 moments
+  np.testing.assert_allclose(fused16[0], head[0], rtol=1e-3)
+  np.testing.assert_allclose(fused16, head, rtol=1e-1)
   over = {s["pooling"] for s in data["summary"] if s["kind"] == "overhead"}
   assert over == {"head", "fused", "fused16"}
   assert rows["head"]["params"] > rows["mean"]["params"]

@@ -41,8 +41,10 @@ def _loss_xla(s, w, b, x):
   return jnp.sum(jnp.sin(y))
 
 
-def _run(opt, steps, batch, s_dtype=jnp.float32, extra=0, tiles=TILES):
-  """`steps` updates both ways; returns (fused state, optax state, fused dS, XLA dS)."""
+def _run(opt, steps, batch, s_dtype=jnp.float32, extra=0, tiles=TILES, dtype=None):
+  """`steps` updates both ways; returns (fused state, optax state, fused dS, XLA dS).
+  With `dtype`, both run the products in it: the reference is `triu_project`'s
+  gradient (the XLA path has no such products)."""
   s, w, b, x = _inputs(batch, s_dtype, extra)
   tx = optax.adamw(opt.learning_rate, opt.b1, opt.b2, opt.eps, weight_decay=opt.weight_decay)
   ref_w, ref_state = w, tx.init(w)
@@ -50,11 +52,14 @@ def _run(opt, steps, batch, s_dtype=jnp.float32, extra=0, tiles=TILES):
   fw, mu, nu, count = w, jnp.zeros(w.shape, md), jnp.zeros(w.shape, md), jnp.zeros(())
 
   def fused_loss(s, fw, mu, nu, count):
-    y = triu_project_adamw(s, fw, b, mu, nu, count, opt, extra=x, tiles=tiles)
+    y = triu_project_adamw(s, fw, b, mu, nu, count, opt, extra=x, tiles=tiles, dtype=dtype)
     return jnp.sum(jnp.sin(y))
 
+  def kernel_loss(s, w, b, x):
+    return jnp.sum(jnp.sin(triu_project(s, w, b, extra=x, tiles=tiles, dtype=dtype)))
+
   fused = jax.jit(jax.grad(fused_loss, argnums=(0, 1, 2, 3, 4)))
-  ref = jax.jit(jax.grad(_loss_xla, argnums=(0, 1)))
+  ref = jax.jit(jax.grad(_loss_xla if dtype is None else kernel_loss, argnums=(0, 1)))
   for _ in range(steps):
     ds, fw, mu, nu, count = fused(s, fw, mu, nu, count)
     ds_ref, g = ref(s, ref_w, b, x)
@@ -100,6 +105,21 @@ def test_bfloat16_moments_and_s():
   chex.assert_trees_all_close(mu.astype(jnp.float32), mu_ref, rtol=0, atol=bound)
   chex.assert_trees_all_close(fw, ref_w, rtol=0, atol=2 * 1e-2 * 2 * 2**-8)
   np.testing.assert_array_equal(ds, ds_ref)  # dS does not depend on the moments
+
+
+@pytest.mark.parametrize("batch", [16, 40])  # 40: the split kernels
+def test_bfloat16_products(batch):
+  """`dtype=bfloat16` (the bf16 policy's products): the update is optax's on
+  `triu_project(dtype=bfloat16)`'s gradient, which the same tiles compute in
+  the same order: float32 update round-off only."""
+  opt = FusedAdamW(learning_rate=1e-2, weight_decay=0.05)
+  (fw, mu, nu, _, ds), (ref_w, ref_state, ds_ref) = _run(
+    opt, 3, batch, s_dtype=jnp.bfloat16, extra=5, dtype=jnp.bfloat16
+  )
+  chex.assert_trees_all_close(fw, ref_w, rtol=0, atol=1e-6)
+  mu_ref = ref_state[0].mu
+  chex.assert_trees_all_close(mu, mu_ref, rtol=0, atol=1e-6 * float(jnp.max(jnp.abs(mu_ref))))
+  np.testing.assert_array_equal(ds, ds_ref)
 
 
 def test_forward_equals_triu_project():

@@ -19,23 +19,38 @@ B, N, D = 3, 9, 6
 SMALL = dict(d_out=8, sketch_dim=16)
 tokens = functools.partial(random_tokens, shape=(B, N, D))
 
-# The kernel and XLA paths run the same forward (XLA's gather and product) and
-# differ in the backward's summation order only: float32 round-off, 1e-5 of
-# the largest entry. Under bfloat16 the features' cotangent is rounded to
-# bf16 in both, so one bf16 unit (2^-8 relative) of the largest entry.
-TOL = {"float32": 1e-5, "bfloat16": 2**-8}
+# Under float32 the kernel and XLA paths run the same forward (XLA's gather and
+# product) and differ in the backward's summation order only: float32
+# round-off, 1e-5 of the largest entry. Under bfloat16 the kernel path's
+# products also take bf16 operands (the kernel and the output's cotangent
+# rounded in registers; the XLA path multiplies by the float32 kernel), which
+# moves these tiny heads (BatchNorm over 3 samples) by up to ~8 bf16 units of
+# the largest entry: 2^-4 (16 units). The bfloat16 policy itself sits 3 to
+# 670 units away from float32 here. The op alone is checked tightly against
+# float64 in test_kernels.py.
+TOL = {"float32": 1e-5, "bfloat16": 2**-4}
 
 
 def has_pallas(fn, *args):
   return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
 
 
-def close(got, want, tol):
+def close(got, want, tol, scale=None):
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    scale = float(jnp.max(jnp.abs(w))) or 1.0
+    s = scale or float(jnp.max(jnp.abs(w))) or 1.0
     np.testing.assert_allclose(
-      np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=0, atol=tol * scale
+      np.asarray(g, np.float64), np.asarray(w, np.float64), rtol=0, atol=tol * s
     )
+
+
+def close_grads(got, want, tol):
+  """`head_grads` results; the projection's bias gradient is zero up to round-off
+  (BatchNorm follows), so it is compared at the scale of the kernel's."""
+  (out, (dp, dx)), (out_w, (dp_w, dx_w)) = got, want
+  dp, dp_w = dict(dp), dict(dp_w)
+  proj, proj_w = dict(dp.pop("proj")), dict(dp_w.pop("proj"))
+  close((out, dp, dx, proj["kernel"]), (out_w, dp_w, dx_w, proj_w["kernel"]), tol)
+  close(proj["bias"], proj_w["bias"], tol, scale=float(jnp.max(jnp.abs(proj_w["kernel"]))))
 
 
 @pytest.mark.parametrize("policy", ["float32", "bfloat16"])
@@ -49,7 +64,7 @@ def test_linen_kernel_path_matches_xla(name, policy):
   v = xla.init(jax.random.key(0), x, g, mask, train=False)
   want = head_grads(xla, v, x, g, mask)
   got = head_grads(pallas, v, x, g, mask)
-  close(got, want, TOL[policy])
+  close_grads(got, want, TOL[policy])
   # and the kernel really ran (in the backward), and did not without the switch
   f = lambda h: lambda p, t: h.apply({**v, "params": p}, t, g, mask, train=False).sum()
   assert has_pallas(jax.grad(f(pallas), argnums=(0, 1)), v["params"], x)

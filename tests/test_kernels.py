@@ -111,6 +111,55 @@ def test_matches_xla_path(dim, batch, d_out, n_extra, s_dtype, tiles, forward="k
   assert not np.asarray(grads[0], np.float32)[:, lower[0], lower[1]].any()
 
 
+def _bf16(x):
+  return np.asarray(jnp.asarray(x).astype(jnp.bfloat16), np.float64)
+
+
+@pytest.mark.parametrize(
+  "forward,tiles,n_extra", [("xla", SMALL, 0), ("kernel", SMALL, 5), ("xla", FUSED, 3)]
+)
+def test_bf16_operands_against_float64(forward, tiles, n_extra):
+  """`dtype=bfloat16`: the features, the kernel and dy enter every product
+  rounded to bf16, products are exact and accumulate in float32. Against
+  float64 NumPy on the rounded operands: dW (float32) within float32
+  summation round-off, 1e-5 of its largest entry; y and dS, rounded to bf16
+  once at the end, within one bf16 unit (2^-8 relative) of each entry plus
+  that round-off."""
+  dim, batch, d_out = 16, 3, 17
+  s, kernel, bias, extra, dy = make(dim, batch, d_out, n_extra, jnp.bfloat16, seed=4)
+  args = (s, kernel, bias) + ((extra,) if n_extra else ())
+
+  def kern(s, kernel, bias, *extra):
+    x = extra[0] if extra else None
+    return triu_project(
+      s, kernel, bias, extra=x, forward=forward, interpret=True, tiles=tiles, dtype=jnp.bfloat16
+    )
+
+  y, vjp = jax.vjp(kern, *args)
+  ds, dk, db, *dx = vjp(dy)
+  assert y.dtype == dk.dtype == jnp.float32 and ds.dtype == jnp.bfloat16
+  iu = np.triu_indices(dim)
+  f = np.asarray(s, np.float64)[:, iu[0], iu[1]]
+  if n_extra:
+    f = np.concatenate([f, np.asarray(extra, np.float64)], axis=1)
+  w, g = _bf16(kernel), _bf16(dy)
+  tol = lambda r: 2**-8 * np.abs(r) + 1e-5 * np.abs(r).max()
+  p = f @ w  # rounded to bf16 before the float32 bias is added
+  y_ref = p + np.asarray(bias, np.float64)
+  np.testing.assert_array_less(np.abs(np.asarray(y, np.float64) - y_ref), tol(p) + 1e-6)
+  np.testing.assert_allclose(np.asarray(dk), f.T @ g, rtol=0, atol=1e-5 * np.abs(f.T @ g).max())
+  df = g @ w.T
+  ds_ref = np.zeros((batch, dim, dim))
+  ds_ref[:, iu[0], iu[1]] = df[:, : len(iu[0])]
+  np.testing.assert_array_less(np.abs(np.asarray(ds, np.float64) - ds_ref), tol(ds_ref) + 1e-30)
+  if n_extra:
+    dx_ref = df[:, len(iu[0]) :]
+    np.testing.assert_array_less(
+      np.abs(np.asarray(dx[0], np.float64) - dx_ref), tol(dx_ref) + 1e-30
+    )
+  np.testing.assert_allclose(np.asarray(db), np.asarray(dy).sum(0), rtol=1e-6)
+
+
 def test_xla_forward_kernel_backward():
   test_matches_xla_path(16, 3, 17, 4, jnp.bfloat16, SMALL, forward="xla")
 
@@ -148,12 +197,14 @@ def test_offsets_cover_the_matrix_once(dim):
 
 def test_highest_runs_three_tf32_products_when_compiled():
   x3 = jax.lax.DotAlgorithmPreset.TF32_TF32_F32_X3
-  assert _kernel_precision("highest", interpret=False) == x3
-  assert _kernel_precision(jax.lax.Precision.HIGHEST, interpret=False) == x3
-  assert _kernel_precision(jax.lax.Precision.DEFAULT, interpret=False) == jax.lax.Precision.DEFAULT
-  assert _kernel_precision("highest", interpret=True) == "highest"  # the CPU dot is exact f32
+  f32, bf16 = jnp.float32, jnp.bfloat16
+  assert _kernel_precision("highest", False, f32) == x3
+  assert _kernel_precision(jax.lax.Precision.HIGHEST, False, f32) == x3
+  assert _kernel_precision(jax.lax.Precision.DEFAULT, False, f32) == jax.lax.Precision.DEFAULT
+  assert _kernel_precision("highest", True, f32) == "highest"  # the CPU dot is exact f32
+  assert _kernel_precision("highest", False, bf16) is None  # bf16 operands: exact products
   ieee = jax.lax.DotAlgorithmPreset.F32_F32_F32
-  assert _kernel_precision(ieee, interpret=False) == ieee
+  assert _kernel_precision(ieee, False, f32) == ieee
 
 
 @pytest.mark.parametrize(

@@ -160,7 +160,8 @@ class _Plan:
   dim: int
   extra: int  # sketch_dim of the trailing feature block, 0 without one
   d_out: int
-  mm_dtype: Any  # the kernel's dtype: features are cast to it, as in the XLA path
+  mm_dtype: Any  # the products' operand dtype (`dtype`, default the kernel's)
+  kernel_dtype: Any
   bias_dtype: Any
   precision: Any  # as given to lax.dot_general inside the kernels
   xla_precision: Any  # the caller's, for the XLA forward
@@ -405,12 +406,12 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
 
     def step(n, df):
       n0 = n * bn
-      w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.mm_dtype)
+      w32 = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.kernel_dtype)
       g = _load_2d(dy_ref, m0, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
       dw = _dot(f, g, (0, 0), plan.precision)  # [k, n]
-      df = df + _dot(g, w, (1, 1), plan.precision)  # [m, k], with the old W
+      df = df + _dot(g, w32.astype(plan.mm_dtype), (1, 1), plan.precision)  # with the old W
       if plan.adam:
-        _adamw_tile(plan, hyper, opt, w, dw, p0, n0)
+        _adamw_tile(plan, hyper, opt, w32, dw, p0, n0)
         return df
       if accumulate:
         dw = dw + _load_2d(dw_ref, p0, bk, n0, bn, plan.rows, plan.d_out, jnp.float32)
@@ -482,17 +483,19 @@ def _forward(
   plan: _Plan, s: jax.Array, kernel: jax.Array, bias: jax.Array, extra: jax.Array | None
 ) -> jax.Array:
   if plan.forward == "xla":
-    f = triu_vector(s).astype(kernel.dtype)
+    f = triu_vector(s).astype(plan.mm_dtype)
     if extra is not None:
-      f = jnp.concatenate([f, extra.astype(kernel.dtype)], axis=-1)
-    return split_matmul(f, kernel, plan.xla_precision) + bias
+      f = jnp.concatenate([f, extra.astype(plan.mm_dtype)], axis=-1)
+    # XLA fuses a narrowing cast of the kernel into the product: no copy of it.
+    y = split_matmul(f, kernel.astype(plan.mm_dtype), plan.xla_precision)
+    return y.astype(plan.kernel_dtype) + bias
   nb, mb, groups, _ = plan.fwd_blocks
   args = [s.reshape(plan.batch, plan.dim * plan.dim), kernel] + ([extra] if plan.extra else [])
   out = jax.ShapeDtypeStruct((groups, plan.batch, plan.d_out), jnp.float32)
   parts = _call(plan, _fwd_kernel, out, (nb, mb, groups), plan.tiles.fwd_warps, "triu_project_fwd")(
     *args
   )
-  return jnp.sum(parts, axis=0).astype(plan.mm_dtype) + bias
+  return jnp.sum(parts, axis=0).astype(plan.kernel_dtype) + bias
 
 
 def _backward(
@@ -585,19 +588,27 @@ def is_highest(precision: PrecisionLike) -> bool:
   return precision == lax.Precision.HIGHEST
 
 
-def _kernel_precision(precision: PrecisionLike, interpret: bool) -> Any:
+def _kernel_precision(precision: PrecisionLike, interpret: bool, operands: Any) -> Any:
   # Triton's IEEE float32 dot runs on the CUDA cores and was 5x (forward) to
   # 17x (backward) slower than XLA's HIGHEST on an H100; three TF32 products
   # (hi*hi + hi*lo + lo*hi) keep float32-level error on the tensor cores.
   if interpret or isinstance(precision, lax.DotAlgorithmPreset) or not is_highest(precision):
     return precision
+  if jnp.dtype(operands).itemsize < 4:  # 16-bit operands: one exact product per pair
+    return None
   return lax.DotAlgorithmPreset.TF32_TF32_F32_X3
 
 
-def default_tiles(batch: int) -> Tiles:
-  """The tiles measured best on an H100 (benchmarks/kernels.py --sweep) for this batch."""
+def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
+  """The tiles measured best on an H100 (benchmarks/kernels.py --sweep,
+  benchmarks/kernel_sweep.py) for this batch and, for the fused AdamW
+  backward, this moment dtype."""
   if batch <= 64:
     return Tiles()
+  if moment_dtype is not None and jnp.dtype(moment_dtype).itemsize == 2:
+    # The fused AdamW backward with bf16 moments: 32-row tiles ran it in 1.73 ms,
+    # not 1.98, at B=128 (bf16 products; kernel_sweep.py, H100).
+    return Tiles(fwd_m=128, fwd_warps=8, bwd_k=32)
   # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16).
   # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
   # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
@@ -610,7 +621,9 @@ def _check_float(name: str, x: jax.Array) -> None:
     raise ValueError(f"{name}: expected a floating dtype, got {x.dtype}")
 
 
-def _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles, adam=None) -> _Plan:
+def _make_plan(
+  s, kernel, bias, extra, precision, forward, interpret, tiles, adam=None, dtype=None
+) -> _Plan:
   """Checks `triu_project`'s arguments and plans its kernels."""
   if s.ndim != 3 or s.shape[1] != s.shape[2]:
     raise ValueError(f"s: expected [batch, dim, dim] square matrices, got shape {s.shape}")
@@ -637,16 +650,21 @@ def _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles, ada
     raise ValueError(f"forward: expected 'xla' or 'kernel', got {forward!r}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
-  tiles = default_tiles(batch) if tiles is None else tiles
+  if tiles is None:
+    tiles = default_tiles(batch, None if adam is None else adam.moment_dtype)
   tiles.check(compiled=not interpret)
+  mm_dtype = jnp.dtype(kernel.dtype if dtype is None else dtype)
+  if not jnp.issubdtype(mm_dtype, jnp.floating):
+    raise ValueError(f"dtype: expected a floating dtype (or None), got {mm_dtype}")
   plan = _Plan(
     batch=batch,
     dim=dim,
     extra=n_extra,
     d_out=kernel.shape[1],
-    mm_dtype=jnp.dtype(kernel.dtype),
+    mm_dtype=mm_dtype,
+    kernel_dtype=jnp.dtype(kernel.dtype),
     bias_dtype=jnp.dtype(bias.dtype),
-    precision=_kernel_precision(precision, bool(interpret)),
+    precision=_kernel_precision(precision, bool(interpret), mm_dtype),
     xla_precision=precision,
     forward=forward,
     interpret=bool(interpret),
@@ -666,6 +684,7 @@ def triu_project(
   forward: Literal["xla", "kernel"] = "xla",
   interpret: bool | None = None,
   tiles: Tiles | None = None,
+  dtype: Any = None,
 ) -> jax.Array:
   """`triu_vector(s) @ kernel + bias` without materialising the `[batch, F]` features.
 
@@ -697,6 +716,11 @@ def triu_project(
     interpret: run the Pallas interpreter; None means on every backend but GPU.
     tiles: block sizes; None: `default_tiles(batch)`, measured on an H100
       at d_out = 512.
+    dtype: the products' operand dtype, as `nn.Dense`'s `dtype`; default the
+      kernel's. bfloat16 with a float32 kernel rounds the features, the
+      kernel and the output's cotangent to bf16 as they enter each product
+      (in registers: no copy of the kernel) and accumulates in float32; the
+      kernel's gradient stays float32.
 
   Returns:
     `[batch, d_out]` in the promoted dtype of `kernel` and `bias`.
@@ -706,7 +730,7 @@ def triu_project(
     >>> triu_project(s, w, b).shape
     (2, 3)
   """
-  plan = _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles)
+  plan = _make_plan(s, kernel, bias, extra, precision, forward, interpret, tiles, dtype=dtype)
   return _triu_project(plan, s, kernel, bias, extra)
 
 
@@ -743,6 +767,7 @@ def triu_project_adamw(
   precision: PrecisionLike = None,
   interpret: bool | None = None,
   tiles: Tiles | None = None,
+  dtype: Any = None,
 ) -> jax.Array:
   """`triu_project` whose backward also takes one AdamW step on `kernel`.
 
@@ -758,7 +783,7 @@ def triu_project_adamw(
   the backward and the update), and no gradient clipping of the kernel.
 
   Args:
-    s, kernel, bias, extra, precision, interpret, tiles: as `triu_project`.
+    s, kernel, bias, extra, precision, interpret, tiles, dtype: as `triu_project`.
     mu, nu: `[F + extra_dim, d_out]` Adam moments, in `adamw.moment_dtype`.
     count: float32 scalar, updates applied so far (exact up to 2^24 steps).
     adamw: the optimizer's hyperparameters.
@@ -789,7 +814,7 @@ def triu_project_adamw(
     )
   if kernel.dtype != jnp.float32:
     raise ValueError(f"kernel: the fused AdamW update keeps a float32 kernel, got {kernel.dtype}")
-  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adamw)
+  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adamw, dtype)
   return _triu_project_adamw(plan, s, kernel, bias, extra, mu, nu, count)
 
 
