@@ -217,7 +217,7 @@ def test_highest_runs_three_tf32_products_when_compiled():
     ("int s", dict(s=np.zeros((2, 4, 4), np.int32)), "s: expected a floating"),
     ("tiles", dict(tiles=Tiles(fwd_k=24)), "tiles.fwd_k: expected a power of two"),
     ("compiled", dict(tiles=SMALL, interpret=False), "tiles.fwd_m: expected at least 16"),
-    ("forward", dict(forward="pallas"), "forward: expected 'xla' or 'kernel'"),
+    ("forward", dict(forward="pallas"), "forward: expected 'xla', 'kernel' or None"),
   ],
 )
 def test_bad_input_raises(what, kwargs, match):

@@ -11,9 +11,11 @@ the backward never builds the `[batch, F]` features or their cotangent, and
 the forward kernel never builds the features.
 
 Forward (`forward="kernel"`): split-K over groups of tiles, one `[m, n]`
-partial sum per group, summed (and the bias added) outside. It is slower
-than XLA's gather and product on an H100, so the default `forward="xla"`
-runs the XLA forward and only the backward here. Backward, when the batch
+partial sum per group, summed (and the bias added) outside. With float32
+products it is slower than XLA's gather and product on an H100, so there
+the default runs the XLA forward and only the backward here; with bf16
+products (`dtype`) it is faster, and it rounds W's tiles in registers where
+XLA would first write a rounded copy of W, so it is the default. Backward, when the batch
 fits one block: one program per tile reads the tile of W once and writes both the
 tile of dW (`f_tile^T dy`) and the tile's share of dS (`dy W_tile^T`, upper
 triangle, plus its share of the zeros below the diagonal). For larger
@@ -646,8 +648,8 @@ def _make_plan(
     _check_float(name, x)
   if dim >= 2048:
     raise ValueError(f"s: expected dim < 2048 (float32 row recovery), got {dim}")
-  if forward not in ("xla", "kernel"):
-    raise ValueError(f"forward: expected 'xla' or 'kernel', got {forward!r}")
+  if forward not in ("xla", "kernel", None):
+    raise ValueError(f"forward: expected 'xla', 'kernel' or None, got {forward!r}")
   if interpret is None:
     interpret = jax.default_backend() != "gpu"
   if tiles is None:
@@ -656,6 +658,11 @@ def _make_plan(
   mm_dtype = jnp.dtype(kernel.dtype if dtype is None else dtype)
   if not jnp.issubdtype(mm_dtype, jnp.floating):
     raise ValueError(f"dtype: expected a floating dtype (or None), got {mm_dtype}")
+  if forward is None:
+    # 16-bit products: the forward kernel rounds W's tiles in registers, where XLA
+    # wrote a rounded copy of W first (H100, B=64: 0.29 ms against 0.37 for XLA's
+    # float32 product and 0.30 + 0.29 for its copy and product).
+    forward = "kernel" if mm_dtype.itemsize == 2 else "xla"
   plan = _Plan(
     batch=batch,
     dim=dim,
@@ -681,7 +688,7 @@ def triu_project(
   *,
   extra: jax.Array | None = None,
   precision: PrecisionLike = None,
-  forward: Literal["xla", "kernel"] = "xla",
+  forward: Literal["xla", "kernel"] | None = None,
   interpret: bool | None = None,
   tiles: Tiles | None = None,
   dtype: Any = None,
@@ -710,9 +717,11 @@ def triu_project(
     forward: "kernel" runs the forward kernel (no `[batch, F]` features at
       all); "xla" runs the forward as the XLA path does (its features are
       transient: the residuals are `s`, `kernel` and `extra` either way) and
-      only the backward in Pallas. On an H100 the forward kernel ran 1.5x
-      (B=64) to 2.3x (B=256) slower than XLA's gather and product, while the
-      backward kernels beat XLA's; see docs/_kernels_section.md.
+      only the backward in Pallas. None: "kernel" for 16-bit products, else
+      "xla". On an H100 the forward kernel ran 1.5x (B=64) to 2.3x (B=256)
+      slower than XLA's gather and product with float32 operands, and 1.3x
+      (B=64) to 1.8x (B=256) faster with bfloat16 ones
+      (docs/performance.md).
     interpret: run the Pallas interpreter; None means on every backend but GPU.
     tiles: block sizes; None: `default_tiles(batch)`, measured on an H100
       at d_out = 512.
@@ -814,7 +823,7 @@ def triu_project_adamw(
     )
   if kernel.dtype != jnp.float32:
     raise ValueError(f"kernel: the fused AdamW update keeps a float32 kernel, got {kernel.dtype}")
-  plan = _make_plan(s, kernel, bias, extra, precision, "xla", interpret, tiles, adamw, dtype)
+  plan = _make_plan(s, kernel, bias, extra, precision, None, interpret, tiles, adamw, dtype)
   return _triu_project_adamw(plan, s, kernel, bias, extra, mu, nu, count)
 
 
