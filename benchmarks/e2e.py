@@ -45,6 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -490,6 +491,11 @@ def run_row_isolated(
   env = dict(
     os.environ, PYTHONPATH=os.pathsep.join([ROOT, *filter(None, [os.environ.get("PYTHONPATH")])])
   )
+  if framework == "jax" and args.autotune_cache:
+    # One XLA autotuning cache for the call: each fresh process would otherwise
+    # re-tune the backbone's GEMMs and may pick other configurations.
+    flag = f"--xla_gpu_per_fusion_autotune_cache_dir={args.autotune_cache}"
+    env["XLA_FLAGS"] = " ".join(filter(None, [env.get("XLA_FLAGS"), flag]))
   base = dict(framework=framework, pooling=pooling, batch=batch)
   try:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=args.row_timeout)
@@ -501,8 +507,29 @@ def run_row_isolated(
   return dict(base, error=f"exit {proc.returncode}: {(proc.stdout + proc.stderr)[-1500:]}")
 
 
+def merge_repeats(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+  """One row per (framework, pooling, batch): the first repeat's, with the median
+  ms/step (and pipelined) over the repeats that ran and every repeat's figure."""
+  groups: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+  for r in rows:
+    groups.setdefault((r["framework"], r["pooling"], r["batch"]), []).append(r)
+  out = []
+  for group in groups.values():
+    ok = [r for r in group if "error" not in r]
+    if len(group) == 1 or not ok:
+      out.append(group[0])
+      continue
+    row = dict(ok[0], repeats=len(ok))
+    for k in ("ms_per_step", "ms_per_step_pipelined"):
+      row[f"{k}_all"] = [r[k] for r in ok]
+      row[k] = statistics.median(row[f"{k}_all"])
+    out.append(row)
+  return out
+
+
 def summarize(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
   """Per framework and batch: the head's overhead over mean pooling; per batch, JAX / torch."""
+  rows = merge_repeats(rows)
   ok = {(r["framework"], r["pooling"], r["batch"]): r for r in rows if "error" not in r}
   out = []
   for (fw, pooling, b), r in ok.items():
@@ -558,6 +585,7 @@ def format_table(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any
     f"{'overhead ms':>11} {'overhead %':>10} {'peak MB':>9} {'params':>12}"
   ]
   order = {k: i for i, k in enumerate(FRAMEWORKS + POOLINGS)}
+  rows = merge_repeats(rows)
   for r in sorted(rows, key=lambda r: (r["batch"], order[r["framework"]], order[r["pooling"]])):
     head = f"{r['framework']:<9} {r['pooling']:<7} {r['batch']:>4}"
     if "error" in r:
@@ -570,6 +598,9 @@ def format_table(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any
       f"{_fmt(o['overhead_pct'] if o else None, '+.1f'):>10} "
       f"{_fmt(r.get('peak_mb'), ',.0f'):>9} {r['params']:>12,}"
     )
+    if r.get("repeats", 1) > 1:
+      each = " ".join(f"{x:.2f}" for x in r["ms_per_step_all"])
+      lines.append(f"{'':<9} {'':<7} {'':>4} (median of {r['repeats']}: {each})")
   for s in summary:
     if s["kind"] == "overhead" and "over_torch_overhead" in s:
       lines.append(
@@ -646,10 +677,22 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     default=None,
     help="each row in a fresh process (default: on, off with --tiny)",
   )
+  ap.add_argument(
+    "--repeats",
+    type=int,
+    default=1,
+    help="run every row this many times, interleaved; tables use the median",
+  )
+  ap.add_argument(
+    "--autotune-cache",
+    default="auto",
+    help="XLA autotuning cache shared by the JAX rows' processes (auto: a fresh "
+    "directory per call; none: each process tunes its own)",
+  )
   ap.add_argument("--row-timeout", type=float, default=400.0)
   ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
   args = ap.parse_args(argv)
-  for name in ("steps", "warmup"):
+  for name in ("steps", "warmup", "repeats"):
     if getattr(args, name) < 1:
       ap.error(f"--{name}: expected an int >= 1, got {getattr(args, name)}")
   if any(b < 1 for b in args.batch):
@@ -667,6 +710,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     print(ROW_TAG + json.dumps(row), flush=True)
     return dict(rows=[row])
   isolate = not args.tiny if args.isolate is None else args.isolate
+  if not isolate or args.autotune_cache == "none":
+    args.autotune_cache = None
+  elif args.autotune_cache == "auto":
+    args.autotune_cache = tempfile.mkdtemp(prefix="e2e_autotune_")
   path = args.json or os.path.join(args.out, "e2e.json")
   meta = dict(
     command=" ".join(["benchmarks/e2e.py", *(sys.argv[1:] if argv is None else argv)]),
@@ -678,6 +725,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     attention=args.attention,
     torch_compile=args.torch_compile,
     isolated=isolate,
+    repeats=args.repeats,
+    autotune_cache=args.autotune_cache is not None,
     peak="JAX peak_bytes_in_use / torch max_memory_allocated, "
     + (
       "a fresh process per row" if isolate else "one process: JAX cumulative, torch reset per row"
@@ -695,29 +744,33 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     rows = [r for r in old["rows"] if (r["framework"], r["pooling"], r["batch"]) not in planned]
     run = {k: meta[k] for k in ("command", "isolated", "peak")}
     meta = {**old["meta"], "appended": [*old["meta"].get("appended", []), run]}
-  for b in args.batch:
-    for fw in args.frameworks:
-      for pooling in args.poolings:
-        if fw == "torch" and pooling.startswith("fused"):  # a JAX-only option
-          continue
-        t0 = time.perf_counter()
-        row = (
-          run_row_isolated(fw, pooling, b, args) if isolate else run_row(fw, cfg, pooling, b, args)
-        )
-        rows.append(row)
-        meta.setdefault("device", row.get("device"))
-        if row.get("device", meta["device"]) != meta["device"]:
-          print(f"warning: this row ran on {row['device']}, the file's on {meta['device']}")
-        status = (
-          row.get("error", "").splitlines()[-1:]
-          if "error" in row
-          else (
-            f"{row['ms_per_step']:.2f} ms/step, peak {_fmt(row.get('peak_mb'), ',.0f')} MB, "
-            f"compile {row['compile_s']:.1f} s"
-          )
-        )
-        print(f"[{time.perf_counter() - t0:6.1f} s] {fw} {pooling} B={b}: {status}", flush=True)
-        write_json(path, meta, rows)
+  plan = [
+    (b, rep, fw, pooling)
+    for b in args.batch
+    for rep in range(args.repeats)
+    for fw in args.frameworks
+    for pooling in args.poolings
+    if not (fw == "torch" and pooling.startswith("fused"))  # a JAX-only option
+  ]
+  for b, rep, fw, pooling in plan:
+    t0 = time.perf_counter()
+    row = run_row_isolated(fw, pooling, b, args) if isolate else run_row(fw, cfg, pooling, b, args)
+    if args.repeats > 1:
+      row["repeat"] = rep
+    rows.append(row)
+    meta.setdefault("device", row.get("device"))
+    if row.get("device", meta["device"]) != meta["device"]:
+      print(f"warning: this row ran on {row['device']}, the file's on {meta['device']}")
+    status = (
+      row.get("error", "").splitlines()[-1:]
+      if "error" in row
+      else (
+        f"{row['ms_per_step']:.2f} ms/step, peak {_fmt(row.get('peak_mb'), ',.0f')} MB, "
+        f"compile {row['compile_s']:.1f} s"
+      )
+    )
+    print(f"[{time.perf_counter() - t0:6.1f} s] {fw} {pooling} B={b}: {status}", flush=True)
+    write_json(path, meta, rows)
   print(f"device: {meta.get('device')}; config: {meta['config']}; wrote {path}")
   print(format_table(rows, summarize(rows)), flush=True)
   return dict(meta=meta, rows=rows, summary=summarize(rows))

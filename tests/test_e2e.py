@@ -68,6 +68,39 @@ def test_time_fn_keeps_no_output_alive():
   assert len(made) == 5 and max(alive) <= 1  # at most the previous call's, until replaced
 
 
+def test_repeats_merge_to_medians():
+  def row(fw, pooling, ms, **kw):
+    return dict(
+      framework=fw,
+      pooling=pooling,
+      batch=64,
+      ms_per_step=ms,
+      ms_per_step_pipelined=ms,
+      params=1,
+      **kw,
+    )
+
+  rows = [
+    row("jax", "mean", 20.0),
+    row("jax", "head", 24.0),
+    row("jax", "mean", 21.0),
+    row("jax", "head", 22.0),
+    row("jax", "mean", 19.5),
+    row("jax", "head", 30.0),
+    row("torch", "mean", 20.0),
+    row("torch", "head", 26.0),
+    row("torch", "head", 0.0, error="boom"),  # failed repeats are left out
+  ]
+  merged = {(r["framework"], r["pooling"]): r for r in e2e.merge_repeats(rows)}
+  assert merged["jax", "head"]["ms_per_step"] == 24.0
+  assert merged["jax", "head"]["ms_per_step_all"] == [24.0, 22.0, 30.0]
+  assert merged["torch", "head"]["ms_per_step"] == 26.0 and merged["torch", "head"]["repeats"] == 1
+  over = {(s["framework"], s["pooling"]): s for s in e2e.summarize(rows) if s["kind"] == "overhead"}
+  assert over["jax", "head"]["overhead_ms"] == 24.0 - 20.0
+  assert over["jax", "head"]["over_torch_overhead"] == 4.0 / 6.0
+  assert "(median of 3: 24.00 22.00 30.00)" in e2e.format_table(rows, e2e.summarize(rows))
+
+
 @pytest.mark.slow
 def test_e2e_tiny_jax(tmp_path):
   path = tmp_path / "e2e.json"
