@@ -168,6 +168,28 @@ def main(argv=None) -> int:
     t = timeit(fwd, (s, w), a.reps, a.inner)
     rows.append(dict(batch=b, what="fwd", pieces="128-bf16w", ms=1e3 * t))
     print(f"B={b:4d} fwd pieces=128, W cast to bf16 {1e3 * t:.3f} ms")
+    for op in a.operands:  # triu_project's own forward (forward=None: its default for op)
+      for forward in ("xla", "kernel"):
+        fwd = jax.jit(
+          lambda s, w, op=op, fw=forward: triu_project(s, w, bias, dtype=op, forward=fw)
+        )
+        t = timeit(fwd, (s, w), a.reps, a.inner)
+        hlo = fwd.lower(s, w).compile().as_text()
+        copy = f"bf16[{rows_w},{D_OUT}]" in hlo  # a rounded copy of W
+        r = dict(
+          batch=b,
+          what="fwd",
+          operands=op,
+          forward=forward,
+          ms=1e3 * t,
+          floor_ms=1e3 * fwd_bytes / bw,
+          w_copy=copy,
+        )
+        rows.append(r)
+        print(
+          f"B={b:4d} fwd triu_project {op:8s} forward={forward:6s} {r['ms']:.3f} ms  "
+          f"floor {r['floor_ms']:.3f}{'  (writes a bf16 copy of W)' if copy else ''}"
+        )
     del s, w
   if a.json:
     with open(a.json, "w") as fh:

@@ -64,11 +64,19 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
   ap.add_argument("--jobs", type=int, default=6)
+  ap.add_argument(
+    "--kernels",
+    action="store_true",
+    help="only the kernel path against the XLA path (bfloat16 policy, token grads, "
+    "B=4 and 64): writes kernel_memory.json",
+  )
   args = ap.parse_args()
   dev = jax.devices()[0]
   if dev.platform != "gpu":
     sys.exit("memory_gpu.py measures device peaks: run it on a GPU")
   t0 = time.time()
+  if args.kernels:
+    return kernel_rows(args, dev)
   configs = [
     dict(),
     dict(remat_policy="isqrt"),
@@ -205,6 +213,22 @@ def main():
   with open(os.path.join(args.out, "memory_gpu.json"), "w") as f:
     json.dump(out, f, indent=1, default=str)
   print(f"wrote {os.path.join(args.out, 'memory_gpu.json')} in {time.time() - t0:.0f} s")
+
+
+def kernel_rows(args, dev):
+  """Forward and step activations of the kernel path (auto: on, on one GPU) and
+  the XLA path (use_kernels=False), bfloat16 policy, token gradients."""
+  cfgs = [(b, True, dict(policy="bfloat16", use_kernels=k)) for b in (4, 64) for k in (False, None)]
+  with ThreadPoolExecutor(args.jobs) as pool:
+    res = list(pool.map(peaks, cfgs))
+  print(f"device: {dev.device_kind}; jax {jax.__version__}; MB = 1e6 bytes")
+  print(f"{'B':>3} {'path':<8} {'fwd act MB':>11} {'step act MB':>12}")
+  for r in res:
+    path = "XLA" if r["config"]["use_kernels"] is False else "kernels"
+    print(f"{r['batch']:>3} {path:<8} {r['forward_mb']:>11.2f} {r['step_mb']:>12.2f}")
+  os.makedirs(args.out, exist_ok=True)
+  with open(os.path.join(args.out, "kernel_memory.json"), "w") as f:
+    json.dump(dict(device=dev.device_kind, jax=jax.__version__, rows=res), f, indent=1)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,22 @@ def test_bf16_operands_against_float64(forward, tiles, n_extra):
   np.testing.assert_allclose(np.asarray(db), np.asarray(dy).sum(0), rtol=1e-6)
 
 
+@pytest.mark.parametrize("forward", ["xla", "kernel"])
+def test_residuals_are_the_packed_features(forward):
+  """The backward keeps the `[batch, F + extra]` features in S's dtype, not S
+  (`dim^2` columns per sample): the leaves of the VJP closure."""
+  dim, batch, n_extra = 16, 3, 5
+  s, kernel, bias, extra, _ = make(dim, batch, 8, n_extra, jnp.bfloat16)
+  fn = lambda s, k, b, x: triu_project(
+    s, k, b, extra=x, forward=forward, interpret=True, tiles=SMALL
+  )
+  _, vjp = jax.vjp(fn, s, kernel, bias, extra)
+  shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(vjp)}
+  rows = dim * (dim + 1) // 2 + n_extra
+  assert ((batch, rows), jnp.dtype(jnp.bfloat16)) in shapes
+  assert not any(shape[1:] == (dim, dim) for shape, _ in shapes)
+
+
 def test_xla_forward_kernel_backward():
   test_matches_xla_path(16, 3, 17, 4, jnp.bfloat16, SMALL, forward="xla")
 

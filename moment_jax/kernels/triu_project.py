@@ -164,6 +164,9 @@ class _Plan:
   d_out: int
   mm_dtype: Any  # the products' operand dtype (`dtype`, default the kernel's)
   kernel_dtype: Any
+  s_dtype: Any
+  f_dtype: Any  # of the packed features kept for the backward: S's (and extra's), exact
+  extra_dtype: Any
   bias_dtype: Any
   precision: Any  # as given to lax.dot_general inside the kernels
   xla_precision: Any  # the caller's, for the XLA forward
@@ -274,19 +277,19 @@ def _extra_cols(plan: _Plan, p: jax.Array) -> jax.Array:
   return jnp.where(p >= plan.tri, p - plan.tri, plan.extra)
 
 
-def _features(plan: _Plan, s_ref, x_ref, p: jax.Array, rows: jax.Array) -> jax.Array:
-  """The `[m, k]` features of batch rows `rows` and packed rows `p`, in the kernel dtype."""
+def _features(plan: _Plan, s_ref, x_ref, p: jax.Array, rows: jax.Array, dtype) -> jax.Array:
+  """The `[m, k]` features of batch rows `rows` and packed rows `p`, in `dtype`."""
   row_ok = rows < plan.batch
   r, c = _grid2(rows, upper_offsets(p, plan.dim))
   tri_ok = p < plan.tri
   f = plgpu.load(s_ref.at[r, c], mask=row_ok[:, None] & tri_ok[None, :], other=0.0)
-  f = f.astype(plan.mm_dtype)
+  f = f.astype(dtype)
   if x_ref is None:
     return f
   _, e = _grid2(rows, _extra_cols(plan, p))
   ext_ok = (~tri_ok) & (p < plan.rows)
   x = plgpu.load(x_ref.at[r, e], mask=row_ok[:, None] & ext_ok[None, :], other=0.0)
-  return jnp.where(tri_ok[None, :], f, x.astype(plan.mm_dtype))
+  return jnp.where(tri_ok[None, :], f, x.astype(dtype))
 
 
 def _store_cotangent(
@@ -328,8 +331,9 @@ def _store_2d(ref, x, r0, c0, n_rows, n_cols):
   plgpu.store(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], x.astype(ref.dtype), mask=mask)
 
 
-def _fwd_kernel(plan: _Plan, s_ref, w_ref, *refs):
-  x_ref, o_ref = (refs[0], refs[1]) if plan.extra else (None, refs[0])
+def _fwd_kernel(plan: _Plan, keep: bool, s_ref, w_ref, *refs):
+  x_ref, rest = (refs[0], refs[1:]) if plan.extra else (None, refs)
+  o_ref, f_ref = (rest[0], rest[1]) if keep else (rest[0], None)
   t = plan.tiles
   bm, bn, bk = t.fwd_m, t.fwd_n, t.fwd_k
   *_, per = plan.fwd_blocks
@@ -339,9 +343,12 @@ def _fwd_kernel(plan: _Plan, s_ref, w_ref, *refs):
 
   def step(i, acc):
     p0 = (g_id * per + i) * bk
-    f = _features(plan, s_ref, x_ref, p0 + jnp.arange(bk), rows)
+    f = _features(plan, s_ref, x_ref, p0 + jnp.arange(bk), rows, plan.f_dtype)
+    if f_ref is not None:  # the packed features for the backward, by the first column block
+      mask = (rows < plan.batch)[:, None] & (p0 + jnp.arange(bk) < plan.rows)[None, :]
+      plgpu.store(f_ref.at[pl.ds(m0, bm), pl.ds(p0, bk)], f, mask=mask & (n_id == 0))
     w = _load_2d(w_ref, p0, bk, n0, bn, plan.rows, plan.d_out, plan.mm_dtype)
-    return acc + _dot(f, w, (1, 0), plan.precision)
+    return acc + _dot(f.astype(plan.mm_dtype), w, (1, 0), plan.precision)
 
   acc = lax.fori_loop(0, per, step, jnp.zeros((bm, bn), jnp.float32))
   mask = (rows < plan.batch)[:, None] & (n0 + jnp.arange(bn) < plan.d_out)[None, :]
@@ -376,17 +383,15 @@ def _adamw_tile(plan: _Plan, hyper, opt, w: jax.Array, dw: jax.Array, p0, n0) ->
 
 
 def _split_refs(plan: _Plan, refs):
-  """(x_ref, optimizer inputs, outputs) from a kernel's trailing refs: inputs
-  `[hyper, mu, nu]` (with `plan.adam`, else none), then `[x]` (with `extra`);
-  the outputs follow."""
+  """(optimizer inputs, outputs) from a backward kernel's trailing refs: inputs
+  `[hyper, mu, nu]` with `plan.adam`, else none; the outputs follow."""
   refs = list(refs)
   opt_in = [refs.pop(0) for _ in range(3)] if plan.adam else []
-  x_ref = refs.pop(0) if plan.extra else None
-  return x_ref, opt_in, refs
+  return opt_in, refs
 
 
-def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
-  x_ref, opt_in, outs = _split_refs(plan, refs)
+def _bwd_fused_kernel(plan: _Plan, f_ref, w_ref, dy_ref, *refs):
+  opt_in, outs = _split_refs(plan, refs)
   if plan.adam:
     ds_ref, w_out, mu_out, nu_out, *dx = outs
     hyper = _hyper(opt_in[0])  # once per program, not per tile
@@ -404,7 +409,7 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
   def batch_block(m, accumulate: bool):
     m0 = m * bm
     rows = m0 + jnp.arange(bm)
-    f = _features(plan, s_ref, x_ref, p, rows)
+    f = _load_2d(f_ref, m0, bm, p0, bk, plan.batch, plan.rows, plan.mm_dtype)
 
     def step(n, df):
       n0 = n * bn
@@ -430,17 +435,16 @@ def _bwd_fused_kernel(plan: _Plan, s_ref, w_ref, dy_ref, *refs):
     lax.fori_loop(1, m_blocks, lambda m, c: (batch_block(m, accumulate=True), c)[1], 0)
 
 
-def _dw_kernel(plan: _Plan, s_ref, dy_ref, *refs):
+def _dw_kernel(plan: _Plan, f_ref, dy_ref, *refs):
   w_ref = refs[0] if plan.adam else None  # then dS: an ordering dependency only
-  x_ref, opt_in, outs = _split_refs(plan, refs[2:] if plan.adam else refs)
+  opt_in, outs = _split_refs(plan, refs[2:] if plan.adam else refs)
   t = plan.tiles
   bm, bn, bk = t.bwd_m, t.bwd_n, t.bwd_k
   _, m_blocks, _ = plan.bwd_blocks
   n0, p0 = pl.program_id(0) * bn, pl.program_id(1) * bk
-  p = p0 + jnp.arange(bk)
 
   def step(m, acc):
-    f = _features(plan, s_ref, x_ref, p, m * bm + jnp.arange(bm))
+    f = _load_2d(f_ref, m * bm, bm, p0, bk, plan.batch, plan.rows, plan.mm_dtype)
     g = _load_2d(dy_ref, m * bm, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
     return acc + _dot(f, g, (0, 0), plan.precision)
 
@@ -471,7 +475,7 @@ def _ds_kernel(plan: _Plan, w_ref, dy_ref, *refs):
 
 def _call(plan: _Plan, kernel, out_shape, grid, warps: int, name: str, aliases=None):
   return pl.pallas_call(
-    functools.partial(kernel, plan),
+    kernel if isinstance(kernel, functools.partial) else functools.partial(kernel, plan),
     out_shape=out_shape,
     grid=grid,
     interpret=plan.interpret,
@@ -482,38 +486,47 @@ def _call(plan: _Plan, kernel, out_shape, grid, warps: int, name: str, aliases=N
 
 
 def _forward(
-  plan: _Plan, s: jax.Array, kernel: jax.Array, bias: jax.Array, extra: jax.Array | None
-) -> jax.Array:
+  plan: _Plan,
+  s: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array,
+  extra: jax.Array | None,
+  keep: bool = False,
+) -> tuple[jax.Array, jax.Array | None]:
+  """(y, the packed `[batch, F + extra_dim]` features in `plan.f_dtype` with `keep`, else None)."""
   if plan.forward == "xla":
-    f = triu_vector(s).astype(plan.mm_dtype)
+    f = triu_vector(s).astype(plan.f_dtype)
     if extra is not None:
-      f = jnp.concatenate([f, extra.astype(plan.mm_dtype)], axis=-1)
-    # XLA fuses a narrowing cast of the kernel into the product: no copy of it.
-    y = split_matmul(f, kernel.astype(plan.mm_dtype), plan.xla_precision)
-    return y.astype(plan.kernel_dtype) + bias
+      f = jnp.concatenate([f, extra.astype(plan.f_dtype)], axis=-1)
+    y = split_matmul(f.astype(plan.mm_dtype), kernel.astype(plan.mm_dtype), plan.xla_precision)
+    return y.astype(plan.kernel_dtype) + bias, (f if keep else None)
   nb, mb, groups, _ = plan.fwd_blocks
   args = [s.reshape(plan.batch, plan.dim * plan.dim), kernel] + ([extra] if plan.extra else [])
-  out = jax.ShapeDtypeStruct((groups, plan.batch, plan.d_out), jnp.float32)
-  parts = _call(plan, _fwd_kernel, out, (nb, mb, groups), plan.tiles.fwd_warps, "triu_project_fwd")(
+  out = [jax.ShapeDtypeStruct((groups, plan.batch, plan.d_out), jnp.float32)]
+  if keep:
+    out.append(jax.ShapeDtypeStruct((plan.batch, plan.rows), plan.f_dtype))
+  kern = functools.partial(_fwd_kernel, plan, keep)
+  parts, *f = _call(plan, kern, out, (nb, mb, groups), plan.tiles.fwd_warps, "triu_project_fwd")(
     *args
   )
-  return jnp.sum(parts, axis=0).astype(plan.kernel_dtype) + bias
+  y = jnp.sum(parts, axis=0).astype(plan.kernel_dtype) + bias
+  return y, (f[0] if keep else None)
 
 
 def _backward(
   plan: _Plan,
-  s: jax.Array,
+  f: jax.Array,
   kernel: jax.Array,
-  extra: jax.Array | None,
   dy: jax.Array,
   opt: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Any, jax.Array | None]:
-  """(dS, dW or (new kernel, new mu, new nu) with `opt = (hyper, mu, nu)`, dx)."""
+  """(dS, dW or (new kernel, new mu, new nu) with `opt = (hyper, mu, nu)`, dx) from
+  the packed features `f` that `_forward` kept."""
   d2 = plan.dim * plan.dim
-  s2 = s.reshape(plan.batch, d2)
-  xs = [] if extra is None else [extra]
-  ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), s.dtype)]
-  dx_shape = [] if extra is None else [jax.ShapeDtypeStruct(extra.shape, extra.dtype)]
+  ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), plan.s_dtype)]
+  dx_shape = (
+    [jax.ShapeDtypeStruct((plan.batch, plan.extra), plan.extra_dtype)] if plan.extra else []
+  )
   w_shape = jax.ShapeDtypeStruct(kernel.shape, kernel.dtype)
   opt_in = [] if opt is None else list(opt)
   # The new kernel and moments overwrite the old ones (when the caller donates them).
@@ -530,10 +543,10 @@ def _backward(
     )(kernel, dy)
     if opt is None:
       w_new = _call(plan, _dw_kernel, w_shape, (n_blocks, tiles), warps, "triu_project_bwd_dw")(
-        s2, dy, *xs
+        f, dy
       )
     else:
-      # Inputs s, dy, kernel, dS, hyper, mu, nu, [x]: the kernel is updated in place
+      # Inputs f, dy, kernel, dS, hyper, mu, nu: the kernel is updated in place
       # after the dS kernel (an input here) has read it.
       w_new = _call(
         plan,
@@ -543,7 +556,7 @@ def _backward(
         warps,
         "triu_project_bwd_adamw",
         aliases={2: 0, 5: 1, 6: 2},
-      )(s2, dy, kernel, ds, *opt_in, *xs)
+      )(f, dy, kernel, ds, *opt_in)
   else:
     aliases = None if opt is None else {1: 1, 4: 2, 5: 3}
     ds, *rest = _call(
@@ -554,24 +567,28 @@ def _backward(
       warps,
       "triu_project_bwd" if opt is None else "triu_project_bwd_adamw",
       aliases=aliases,
-    )(s2, kernel, dy, *opt_in, *xs)
+    )(f, kernel, dy, *opt_in)
     n_w = len(w_outs)
     w_new, dx = (rest[0] if opt is None else rest[:n_w]), rest[n_w:]
-  return ds.reshape(s.shape), w_new, (dx[0] if plan.extra else None)
+  ds = ds.reshape(plan.batch, plan.dim, plan.dim)
+  return ds, w_new, (dx[0] if plan.extra else None)
 
 
+# The residuals are the packed features (F + extra_dim columns in S's dtype), not
+# S itself (dim^2 columns): half the bytes, and the backward reads them contiguously.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _triu_project(plan: _Plan, s, kernel, bias, extra):
-  return _forward(plan, s, kernel, bias, extra)
+  return _forward(plan, s, kernel, bias, extra)[0]
 
 
 def _triu_project_fwd(plan: _Plan, s, kernel, bias, extra):
-  return _forward(plan, s, kernel, bias, extra), (s, kernel, extra)
+  y, f = _forward(plan, s, kernel, bias, extra, keep=True)
+  return y, (f, kernel)
 
 
 def _triu_project_bwd(plan: _Plan, res, dy):
-  s, kernel, extra = res
-  ds, dw, dx = _backward(plan, s, kernel, extra, dy)
+  f, kernel = res
+  ds, dw, dx = _backward(plan, f, kernel, dy)
   db = jnp.sum(dy, axis=0).astype(plan.bias_dtype)
   return ds, dw, db, dx
 
@@ -670,6 +687,9 @@ def _make_plan(
     d_out=kernel.shape[1],
     mm_dtype=mm_dtype,
     kernel_dtype=jnp.dtype(kernel.dtype),
+    s_dtype=jnp.dtype(s.dtype),
+    f_dtype=jnp.result_type(s, *([] if extra is None else [extra])),
+    extra_dtype=None if extra is None else jnp.dtype(extra.dtype),
     bias_dtype=jnp.dtype(bias.dtype),
     precision=_kernel_precision(precision, bool(interpret), mm_dtype),
     xla_precision=precision,
@@ -745,17 +765,18 @@ def triu_project(
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _triu_project_adamw(plan: _Plan, s, kernel, bias, extra, mu, nu, count):
-  return _forward(plan, s, kernel, bias, extra)
+  return _forward(plan, s, kernel, bias, extra)[0]
 
 
 def _triu_project_adamw_fwd(plan: _Plan, s, kernel, bias, extra, mu, nu, count):
-  return _forward(plan, s, kernel, bias, extra), (s, kernel, extra, mu, nu, count)
+  y, f = _forward(plan, s, kernel, bias, extra, keep=True)
+  return y, (f, kernel, mu, nu, count)
 
 
 def _triu_project_adamw_bwd(plan: _Plan, res, dy):
-  s, kernel, extra, mu, nu, count = res
+  f, kernel, mu, nu, count = res
   assert plan.adam is not None
-  ds, (w, mu, nu), dx = _backward(plan, s, kernel, extra, dy, (plan.adam.hyper(count), mu, nu))
+  ds, (w, mu, nu), dx = _backward(plan, f, kernel, dy, (plan.adam.hyper(count), mu, nu))
   db = jnp.sum(dy, axis=0).astype(plan.bias_dtype)
   return ds, w, db, dx, mu, nu, count + 1
 
