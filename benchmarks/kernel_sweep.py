@@ -3,12 +3,14 @@
   PYTHONPATH=. python benchmarks/kernel_sweep.py --json out/kernel_sweep.json
 
 For the bfloat16 policy's operands (bf16 S, float32 W, DEFAULT precision),
-D=768, d_out=512 and each batch in --batches, it times the backward of
-`triu_project` alone (the VJP applied to a fixed cotangent; the unused
-forward is dead code) for each tile setting in `BWD` and each product
-operand dtype in --operands (`triu_project(dtype=...)`), the fused AdamW
-backward (`triu_project_adamw`, kernel and moments donated and fed back, for
-float32 and bfloat16 moments) for the tiles in `FUSED`, and the XLA forward
+D=768, d_out=512 and each batch in --batches, it times the forward and
+backward of `triu_project` (the VJP applied to a fixed cotangent; the
+backward reads the packed features the forward keeps) for each tile setting
+in `BWD` and each product operand dtype in --operands
+(`triu_project(dtype=...)`), the same with the fused AdamW backward
+(`triu_project_adamw`, kernel and moments donated and fed back, for float32
+and bfloat16 moments) for the tiles in `FUSED`, then the forwards alone (so
+that a backward is the difference of two rows of one call): the XLA forward
 `triu_vector(S) @ W` split into c contraction pieces for c in `PIECES`
 (`ops.split_matmul` uses 128). Medians of --reps timings of --inner
 back-to-back calls (benchmarks/kernels.py's method), beside the copy
@@ -65,7 +67,7 @@ PIECES = (16, 32, 64, 128)
 
 
 def time_fused(b, s, w, bias, dy, moment_dtype, operands, tiles, reps, inner) -> float:
-  """Median seconds of one fused AdamW backward, its state donated and fed back."""
+  """Median seconds of the forward and fused AdamW backward, the state donated and fed back."""
   opt = FusedAdamW(learning_rate=1e-4, moment_dtype=moment_dtype)
 
   def update(w, mu, nu, count, s, dy):
@@ -122,9 +124,15 @@ def main(argv=None) -> int:
     s, w, bias = inputs(b, D, D_OUT, jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(3), (b, D_OUT), jnp.float32)
     rows_w = w.shape[0]
-    bwd_bytes = 2 * rows_w * D_OUT * 4 + b * rows_w * 2 + b * D * D * 2
+    # The forward reads W and the triangle of S and writes the packed features; the
+    # backward reads them and W, writes dW (or W and both moments) and the dense dS.
+    fwd_keep = rows_w * D_OUT * 4 + 2 * b * rows_w * 2
+    bwd_bytes = fwd_keep + 2 * rows_w * D_OUT * 4 + b * rows_w * 2 + b * D * D * 2
     fused_bytes = {
-      md: 2 * rows_w * D_OUT * (4 + 2 * jnp.dtype(md).itemsize) + b * rows_w * 2 + b * D * D * 2
+      md: fwd_keep
+      + 2 * rows_w * D_OUT * (4 + 2 * jnp.dtype(md).itemsize)
+      + b * rows_w * 2
+      + b * D * D * 2
       for md in ("float32", "bfloat16")
     }
     for op in a.operands:
@@ -138,10 +146,17 @@ def main(argv=None) -> int:
           print(f"B={b} bwd {op} {change}: failed: {type(e).__name__}: {str(e)[:200]}")
           continue
         r = dict(
-          batch=b, what="bwd", operands=op, change=change, ms=1e3 * t, floor_ms=1e3 * bwd_bytes / bw
+          batch=b,
+          what="fwd+bwd",
+          operands=op,
+          change=change,
+          ms=1e3 * t,
+          floor_ms=1e3 * bwd_bytes / bw,
         )
         rows.append(r)
-        print(f"B={b:4d} bwd {op:8s} {str(change):56s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+        print(
+          f"B={b:4d} fwd+bwd {op:8s} {str(change):52s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}"
+        )
       for md in ("float32", "bfloat16"):
         for change in FUSED:
           tiles = dataclasses.replace(default_tiles(b, md), **change)
@@ -152,10 +167,16 @@ def main(argv=None) -> int:
             continue
           fl = 1e3 * fused_bytes[md] / bw
           r = dict(
-            batch=b, what="fused", operands=op, moments=md, change=change, ms=1e3 * t, floor_ms=fl
+            batch=b,
+            what="fwd+fused",
+            operands=op,
+            moments=md,
+            change=change,
+            ms=1e3 * t,
+            floor_ms=fl,
           )
           rows.append(r)
-          label = f"fused {op:8s} mom={md:8s} {change}"
+          label = f"fwd+fused {op:8s} mom={md:8s} {change}"
           print(f"B={b:4d} {label:64s} {r['ms']:.3f} ms  floor {fl:.3f}")
     fwd_bytes = rows_w * D_OUT * 4 + b * rows_w * 2
     for c in PIECES:

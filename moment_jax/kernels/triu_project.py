@@ -7,8 +7,10 @@ are walked in tiles of `k` consecutive rows; each kernel computes the flat
 offset `i * D + j` of every packed row from its index (a square root and a
 correction, no table), gathers that tile of features from S straight into
 the product and scatters its cotangent straight into the cotangent of S:
-the backward never builds the `[batch, F]` features or their cotangent, and
-the forward kernel never builds the features.
+the cotangent of the `[batch, F]` features is never built. Under
+differentiation the forward kernel writes the packed features it reads (in
+S's dtype) as the backward's residual, half the bytes of S; otherwise it
+writes none.
 
 Forward (`forward="kernel"`): split-K over groups of tiles, one `[m, n]`
 partial sum per group, summed (and the bias added) outside. With float32
@@ -713,7 +715,7 @@ def triu_project(
   tiles: Tiles | None = None,
   dtype: Any = None,
 ) -> jax.Array:
-  """`triu_vector(s) @ kernel + bias` without materialising the `[batch, F]` features.
+  """`triu_vector(s) @ kernel + bias`, the features' cotangent never built.
 
   Equal, up to summation order, to
   `split_matmul(concat(triu_vector(s), extra).astype(kernel.dtype), kernel,
@@ -734,10 +736,10 @@ def triu_project(
       (float32-level error, not bit-equal to XLA's); a
       `lax.DotAlgorithmPreset` is passed to Triton as given
       (`F32_F32_F32`: IEEE float32 on the CUDA cores, slow).
-    forward: "kernel" runs the forward kernel (no `[batch, F]` features at
-      all); "xla" runs the forward as the XLA path does (its features are
-      transient: the residuals are `s`, `kernel` and `extra` either way) and
-      only the backward in Pallas. None: "kernel" for 16-bit products, else
+    forward: "kernel" runs the forward kernel; "xla" runs the forward as the
+      XLA path does and only the backward in Pallas. Either way the
+      residuals are the kernel and the packed `[batch, F + extra_dim]`
+      features in the dtype of `s` (and `extra`), not `s`. None: "kernel" for 16-bit products, else
       "xla". On an H100 the forward kernel ran 1.5x (B=64) to 2.3x (B=256)
       slower than XLA's gather and product with float32 operands, and 1.3x
       (B=64) to 1.8x (B=256) faster with bfloat16 ones
