@@ -101,6 +101,22 @@ def test_repeats_merge_to_medians():
   assert "(median of 3: 24.00 22.00 30.00)" in e2e.format_table(rows, e2e.summarize(rows))
 
 
+def test_isolated_jax_rows_share_one_autotuning_cache(monkeypatch, tmp_path):
+  seen = []
+
+  def fake_run(cmd, env, **kw):
+    seen.append(env.get("XLA_FLAGS", ""))
+    return type("Proc", (), dict(stdout="", stderr="", returncode=1))()
+
+  monkeypatch.setattr(e2e.subprocess, "run", fake_run)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_foo=1")
+  args = e2e.parse_args(["--autotune-cache", str(tmp_path)])
+  for fw in ("jax", "jax", "torch"):
+    assert "error" in e2e.run_row_isolated(fw, "mean", 2, args)
+  flag = f"--xla_gpu_per_fusion_autotune_cache_dir={tmp_path}"
+  assert seen == [f"--xla_foo=1 {flag}"] * 2 + ["--xla_foo=1"]
+
+
 @pytest.mark.slow
 def test_e2e_tiny_jax(tmp_path):
   path = tmp_path / "e2e.json"
