@@ -17,15 +17,15 @@ partial sum per group, summed (and the bias added) outside. With float32
 products it is slower than XLA's gather and product on an H100, so there
 the default runs the XLA forward and only the backward here; with bf16
 products (`dtype`) it is faster, and it rounds W's tiles in registers where
-XLA would first write a rounded copy of W, so it is the default. Backward, when the batch
-fits one block: one program per tile reads the tile of W once and writes both the
-tile of dW (`f_tile^T dy`) and the tile's share of dS (`dy W_tile^T`, upper
-triangle, plus its share of the zeros below the diagonal). For larger
-batches that program would re-read its W tile and re-write its dW tile once
-per batch block, so the backward splits into a dW kernel (programs over
-tiles x output blocks, looping over the batch) and a dS kernel (tiles x
-batch blocks, looping over the outputs); W is still read once, by the dS
-kernel alone.
+XLA would first write a rounded copy of W, so it is the default.
+
+Backward, when the batch fits one block: one program per tile reads the tile
+of W once and writes both the tile of dW (`f_tile^T dy`) and the tile's
+share of dS (`dy W_tile^T`, upper triangle, plus its share of the zeros
+below the diagonal). For larger batches that program would re-read its W
+tile and re-write its dW tile once per batch block, so the backward splits
+into a dW kernel (programs over tiles x output blocks, looping over the
+batch) and a dS kernel (tiles x batch blocks, looping over the outputs).
 """
 
 from __future__ import annotations
