@@ -100,6 +100,13 @@ def split_product(x, w, c):
   return jnp.sum(parts, axis=0)
 
 
+def record(rows: list, label: str, **row) -> None:
+  """Appends `row` (with `ms` and, where there is one, `floor_ms`) and prints it."""
+  rows.append(row)
+  floor = f"  floor {row['floor_ms']:.3f}" if "floor_ms" in row else ""
+  print(f"B={row['batch']:4d} {label:64s} {row['ms']:.3f} ms{floor}", flush=True)
+
+
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
   ap.add_argument(
@@ -145,17 +152,15 @@ def main(argv=None) -> int:
         except Exception as e:  # a setting Triton cannot compile is reported, not fatal
           print(f"B={b} bwd {op} {change}: failed: {type(e).__name__}: {str(e)[:200]}")
           continue
-        r = dict(
+        record(
+          rows,
+          f"fwd+bwd {op:8s} {change}",
           batch=b,
           what="fwd+bwd",
           operands=op,
           change=change,
           ms=1e3 * t,
           floor_ms=1e3 * bwd_bytes / bw,
-        )
-        rows.append(r)
-        print(
-          f"B={b:4d} fwd+bwd {op:8s} {str(change):52s} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}"
         )
       for md in ("float32", "bfloat16"):
         for change in FUSED:
@@ -165,30 +170,35 @@ def main(argv=None) -> int:
           except Exception as e:
             print(f"B={b} fused {op} {md} {change}: failed: {type(e).__name__}: {str(e)[:200]}")
             continue
-          fl = 1e3 * fused_bytes[md] / bw
-          r = dict(
+          record(
+            rows,
+            f"fwd+fused {op:8s} mom={md:8s} {change}",
             batch=b,
             what="fwd+fused",
             operands=op,
             moments=md,
             change=change,
             ms=1e3 * t,
-            floor_ms=fl,
+            floor_ms=1e3 * fused_bytes[md] / bw,
           )
-          rows.append(r)
-          label = f"fwd+fused {op:8s} mom={md:8s} {change}"
-          print(f"B={b:4d} {label:64s} {r['ms']:.3f} ms  floor {fl:.3f}")
     fwd_bytes = rows_w * D_OUT * 4 + b * rows_w * 2
     for c in PIECES:
       fwd = jax.jit(lambda s, w, c=c: split_product(triu_vector(s).astype(w.dtype), w, c))
       t = timeit(fwd, (s, w), a.reps, a.inner)
-      r = dict(batch=b, what="fwd", pieces=c, ms=1e3 * t, floor_ms=1e3 * fwd_bytes / bw)
-      rows.append(r)
-      print(f"B={b:4d} fwd pieces={c:<4d} {r['ms']:.3f} ms  floor {r['floor_ms']:.3f}")
+      record(
+        rows,
+        f"fwd pieces={c}",
+        batch=b,
+        what="fwd",
+        pieces=c,
+        ms=1e3 * t,
+        floor_ms=1e3 * fwd_bytes / bw,
+      )
     fwd = jax.jit(lambda s, w: split_product(triu_vector(s), w.astype(jnp.bfloat16), 128))
     t = timeit(fwd, (s, w), a.reps, a.inner)
-    rows.append(dict(batch=b, what="fwd", pieces="128-bf16w", ms=1e3 * t))
-    print(f"B={b:4d} fwd pieces=128, W cast to bf16 {1e3 * t:.3f} ms")
+    record(
+      rows, "fwd pieces=128, W cast to bf16", batch=b, what="fwd", pieces="128-bf16w", ms=1e3 * t
+    )
     for op in a.operands:  # triu_project's own forward (forward=None: its default for op)
       for forward in ("xla", "kernel"):
         fwd = jax.jit(
@@ -197,7 +207,10 @@ def main(argv=None) -> int:
         t = timeit(fwd, (s, w), a.reps, a.inner)
         hlo = fwd.lower(s, w).compile().as_text()
         copy = f"bf16[{rows_w},{D_OUT}]" in hlo  # a rounded copy of W
-        r = dict(
+        note = " (writes a bf16 copy of W)" if copy else ""
+        record(
+          rows,
+          f"fwd triu_project {op:8s} forward={forward}{note}",
           batch=b,
           what="fwd",
           operands=op,
@@ -205,11 +218,6 @@ def main(argv=None) -> int:
           ms=1e3 * t,
           floor_ms=1e3 * fwd_bytes / bw,
           w_copy=copy,
-        )
-        rows.append(r)
-        print(
-          f"B={b:4d} fwd triu_project {op:8s} forward={forward:6s} {r['ms']:.3f} ms  "
-          f"floor {r['floor_ms']:.3f}{'  (writes a bf16 copy of W)' if copy else ''}"
         )
     del s, w
   if a.json:

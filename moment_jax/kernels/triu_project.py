@@ -167,8 +167,7 @@ class _Plan:
   mm_dtype: Any  # the products' operand dtype (`dtype`, default the kernel's)
   kernel_dtype: Any
   s_dtype: Any
-  f_dtype: Any  # of the packed features kept for the backward: S's (and extra's), exact
-  extra_dtype: Any
+  extra_dtype: Any  # None without an extra block
   bias_dtype: Any
   precision: Any  # as given to lax.dot_general inside the kernels
   xla_precision: Any  # the caller's, for the XLA forward
@@ -176,6 +175,12 @@ class _Plan:
   interpret: bool
   tiles: Tiles
   adam: FusedAdamW | None = None
+
+  @property
+  def f_dtype(self) -> Any:
+    """Of the packed features kept for the backward: S's and extra's, exact."""
+    extra = () if self.extra_dtype is None else (self.extra_dtype,)
+    return jnp.result_type(self.s_dtype, *extra)
 
   @property
   def tri(self) -> int:
@@ -690,7 +695,6 @@ def _make_plan(
     mm_dtype=mm_dtype,
     kernel_dtype=jnp.dtype(kernel.dtype),
     s_dtype=jnp.dtype(s.dtype),
-    f_dtype=jnp.result_type(s, *([] if extra is None else [extra])),
     extra_dtype=None if extra is None else jnp.dtype(extra.dtype),
     bias_dtype=jnp.dtype(bias.dtype),
     precision=_kernel_precision(precision, bool(interpret), mm_dtype),
