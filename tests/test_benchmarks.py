@@ -99,3 +99,56 @@ def test_accuracy_smoke(tmp_path):
   for r in data["table"]:
     if r["policy"] == "float32":
       assert r["errors"]["3"] < r["errors"]["1"]
+
+
+_NCU_CSV = "\n".join(
+  [
+    "a line the profiled program printed",
+    '==PROF== Profiling "triu_project_fwd": 0%....50%....100% - 18 passes',
+    '"ID","Process ID","Kernel Name","Block Size","Grid Size","Section Name",'
+    '"Metric Name","Metric Unit","Metric Value","Rule Name"',
+    '"0","7","triu_project_fwd","(128, 1, 1)","(4, 1, 132)","SOL","Duration","us","297.57",""',
+    '"0","7","triu_project_fwd","(128, 1, 1)","(4, 1, 132)","SOL","DRAM Throughput","%","69.33",""',
+    '"0","7","triu_project_fwd","(128, 1, 1)","(4, 1, 132)","SOL","Memory Throughput",'
+    '"%","69.33",""',
+    '"0","7","triu_project_fwd","(128, 1, 1)","(4, 1, 132)","Mem","Memory Throughput",'
+    '"byte/s","2,320,500,000,000",""',
+    '"1","7","triu_project_bwd_adamw","(128, 1, 1)","(4614, 1, 1)","SOL","Duration","ms","1.29",""',
+    '"1","7","triu_project_bwd_adamw","(128, 1, 1)","(4614, 1, 1)","Launch",'
+    '"Dynamic Shared Memory Per Block","byte/block","90,112",""',
+    '"1","7","triu_project_bwd_adamw","(128, 1, 1)","(4614, 1, 1)","Mem",'
+    '"Local Memory Spilling Requests","","1,661,040",""',
+    '"1","7","triu_project_bwd_adamw","(128, 1, 1)","(4614, 1, 1)","Mem",'
+    '"Local Memory Spilling Request Overhead","%","no data",""',
+    '"2","7","triu_project_fwd","(128, 1, 1)","(4, 1, 132)","SOL","Duration","ns","290100",""',
+  ]
+)
+
+
+def test_kernel_ncu_parses_and_labels_ncu_csv():
+  from benchmarks import kernel_ncu
+
+  rows = kernel_ncu.label(kernel_ncu.parse(_NCU_CSV))
+  assert [r["kernel"] for r in rows] == ["triu_project_fwd", "triu_project_bwd_adamw"] + [
+    "triu_project_fwd"
+  ]
+  fwd, fused, fwd2 = rows
+  # units normalised: us, TB/s (the "%" row of the same name is not a rate), KB
+  assert fwd["duration_us"] == pytest.approx(297.57)
+  assert fwd["dram_pct"] == pytest.approx(69.33)
+  assert fwd["memory_TBps"] == pytest.approx(2.3205)
+  assert fused["duration_us"] == pytest.approx(1290.0)
+  assert fused["smem_KB"] == pytest.approx(90.112)
+  assert fused["spill_requests"] == 1661040.0
+  assert fwd2["duration_us"] == pytest.approx(290.1)
+  # each call starts at the forward kernel
+  assert [r["call"] for r in rows] == ["forward", "forward", "forward+backward"]
+  assert kernel_ncu.parse("no csv here\n") == []
+
+
+def test_kernel_ncu_worker_runs_at_toy_size(tmp_path):
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "benchmarks/kernel_ncu.py", "--worker", "--batch", "3"]
+  cmd += ["--dim", "12", "--d-out", "16"]
+  proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
