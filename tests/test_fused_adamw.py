@@ -84,10 +84,13 @@ def test_matches_optax_adamw(batch, extra):
   assert not np.allclose(fw, _inputs(batch, extra=extra)[1])  # it moved
 
 
-def test_schedule_and_split_tiles():
+@pytest.mark.parametrize(
+  "change", [{}, dict(dw_m=4, dw_n=32, dw_k=32, dw_warps=2)]
+)  # the update kernel on the dS kernel's tiles, then on its own
+def test_schedule_and_split_tiles(change):
   sched = optax.linear_schedule(1e-2, 1e-3, 4)
   opt = FusedAdamW(learning_rate=sched, b1=0.8, b2=0.99, eps=1e-6, weight_decay=0.0)
-  tiles = dataclasses.replace(TILES, bwd_split=True)
+  tiles = dataclasses.replace(TILES, bwd_split=True, **change)
   (fw, mu, nu, _, _), (ref_w, ref_state, _) = _run(opt, 4, 8, tiles=tiles)
   chex.assert_trees_all_close(fw, ref_w, rtol=1e-5, atol=1e-6)
   chex.assert_trees_all_close(nu, ref_state[0].nu, rtol=1e-5, atol=1e-9)

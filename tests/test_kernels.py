@@ -37,6 +37,9 @@ RTOL_BF16_ULP = 8e-3
 # FUSED forces the fused backward over two batch blocks (its dW accumulation).
 SMALL = Tiles(fwd_m=2, fwd_n=8, fwd_k=16, fwd_programs=8, bwd_m=2, bwd_n=8, bwd_k=16)
 FUSED = dataclasses.replace(SMALL, bwd_split=False)
+# The split backward's dW kernel on its own tiles: other batch steps, row tiles and
+# output blocks than the dS kernel's (its grid follows them).
+DW = dataclasses.replace(SMALL, dw_m=1, dw_n=16, dw_k=32, dw_warps=2)
 
 
 def xla_path(s, kernel, bias, extra=None):
@@ -75,6 +78,7 @@ def assert_close(x, ref, name):
     (33, 1, 17, 5, jnp.bfloat16, SMALL),
     (33, 3, 8, 0, jnp.float32, None),  # the default tiles: one ragged tile per kernel
     (16, 3, 17, 4, jnp.float32, FUSED),
+    (33, 3, 17, 7, jnp.float32, DW),
   ],
 )
 def test_matches_xla_path(dim, batch, d_out, n_extra, s_dtype, tiles, forward="kernel"):
@@ -109,6 +113,21 @@ def test_matches_xla_path(dim, batch, d_out, n_extra, s_dtype, tiles, forward="k
       assert_close(g, r, name)
   lower = np.tril_indices(dim, -1)
   assert not np.asarray(grads[0], np.float32)[:, lower[0], lower[1]].any()
+
+
+def test_dw_kernel_runs_on_its_own_tiles():
+  s, kernel, bias, extra, dy = make(33, 3, 17, 7, jnp.float32)
+  f = lambda s, k, b, x: triu_project(s, k, b, extra=x, interpret=True, tiles=DW)
+  jaxpr = jax.make_jaxpr(lambda *a: jax.vjp(f, *a)[1](dy))(s, kernel, bias, extra)
+  grids = {
+    e.params["name"]: e.params["grid_mapping"].grid
+    for e in jaxpr.jaxpr.eqns
+    if e.primitive.name == "pallas_call"
+  }
+  rows = kernel.shape[0]
+  # dS: batch blocks of bwd_m x row tiles of bwd_k; dW: output blocks of dw_n x row tiles of dw_k
+  assert grids["triu_project_bwd_ds"] == (2, -(-rows // 16))
+  assert grids["triu_project_bwd_dw"] == (2, -(-rows // 32))
 
 
 def _bf16(x):
@@ -232,6 +251,7 @@ def test_highest_runs_three_tf32_products_when_compiled():
     ("extra", dict(extra=np.zeros((3, 2))), "extra: expected"),
     ("int s", dict(s=np.zeros((2, 4, 4), np.int32)), "s: expected a floating"),
     ("tiles", dict(tiles=Tiles(fwd_k=24)), "tiles.fwd_k: expected a power of two"),
+    ("dw tiles", dict(tiles=Tiles(dw_n=48)), "tiles.dw_n: expected a power of two"),
     ("compiled", dict(tiles=SMALL, interpret=False), "tiles.fwd_m: expected at least 16"),
     ("forward", dict(forward="pallas"), "forward: expected 'xla', 'kernel' or None"),
   ],

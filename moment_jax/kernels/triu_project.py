@@ -75,6 +75,8 @@ class Tiles:
     bwd_split: None: the fused backward when the batch fits one `bwd_m`
       block, the split one (a dW and a dS kernel) otherwise; True/False force.
     fwd_warps, bwd_warps, stages: Triton's `num_warps` and `num_stages`.
+    dw_m, dw_n, dw_k, dw_warps: the split backward's dW kernel (with the
+      fused AdamW, its update kernel); None: the `bwd_` value.
   """
 
   fwd_m: int = 64
@@ -88,10 +90,21 @@ class Tiles:
   fwd_warps: int = 4
   bwd_warps: int = 4
   stages: int = 3
+  dw_m: int | None = None
+  dw_n: int | None = None
+  dw_k: int | None = None
+  dw_warps: int | None = None
+
+  def for_dw(self) -> "Tiles":
+    """These tiles with the dW kernel's sizes in the `bwd_` fields."""
+    dw = dict(bwd_m=self.dw_m, bwd_n=self.dw_n, bwd_k=self.dw_k, bwd_warps=self.dw_warps)
+    return dataclasses.replace(self, **{k: v for k, v in dw.items() if v is not None})
 
   def check(self, compiled: bool) -> None:
-    for f in ("fwd_m", "fwd_n", "fwd_k", "bwd_m", "bwd_n", "bwd_k"):
+    for f in ("fwd_m", "fwd_n", "fwd_k", "bwd_m", "bwd_n", "bwd_k", "dw_m", "dw_n", "dw_k"):
       v = getattr(self, f)
+      if v is None:
+        continue
       if v < 1 or v & (v - 1):
         raise ValueError(f"tiles.{f}: expected a power of two, got {v}")
       if compiled and v < _MIN_DOT_BLOCK:
@@ -548,19 +561,20 @@ def _backward(
     ds, *dx = _call(
       plan, _ds_kernel, ds_shape + dx_shape, (m_blocks, tiles), warps, "triu_project_bwd_ds"
     )(kernel, dy)
+    dw_plan = dataclasses.replace(plan, tiles=plan.tiles.for_dw())
+    dw_grid = (dw_plan.bwd_blocks[0], dw_plan.bwd_blocks[2])
+    dw_warps = dw_plan.tiles.bwd_warps
     if opt is None:
-      w_new = _call(plan, _dw_kernel, w_shape, (n_blocks, tiles), warps, "triu_project_bwd_dw")(
-        f, dy
-      )
+      w_new = _call(dw_plan, _dw_kernel, w_shape, dw_grid, dw_warps, "triu_project_bwd_dw")(f, dy)
     else:
       # Inputs f, dy, kernel, dS, hyper, mu, nu: the kernel is updated in place
       # after the dS kernel (an input here) has read it.
       w_new = _call(
-        plan,
+        dw_plan,
         _dw_kernel,
         w_outs,
-        (n_blocks, tiles),
-        warps,
+        dw_grid,
+        dw_warps,
         "triu_project_bwd_adamw",
         aliases={2: 0, 5: 1, 6: 2},
       )(f, dy, kernel, ds, *opt_in)
@@ -639,6 +653,11 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
   # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
   # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
   # at B=128 0.4 ms slower: H100, docs/performance.md.)
+  if moment_dtype is None:
+    # The split backward's dW kernel with 32-row batch steps over 128x128 tiles of dW:
+    # 1.17 and 1.73 ms, not 1.33 and 1.97, for the forward and backward at B=128 and
+    # 256 (bf16 products, H100, docs/performance.md). Its AdamW variant gained nothing.
+    return Tiles(fwd_m=128, fwd_warps=8, dw_m=32, dw_n=128, dw_k=128, dw_warps=8)
   return Tiles(fwd_m=128, fwd_warps=8)
 
 
