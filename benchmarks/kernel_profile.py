@@ -4,7 +4,10 @@
 
 For each batch, policy and `use_kernels` setting, it compiles the
 forward+backward of the optimized head with token gradients (as under a
-backbone), times it (gpu.py's medians), then records a few steps with
+backbone), times it (gpu.py's medians of synchronised calls; the median
+per call of 10 back-to-back calls with one sync at the end, as a training
+loop dispatches them; and the host time for one call to return), then
+records a few steps with
 `jax.profiler.trace` and reads the device plane back with
 `jax.profiler.ProfileData`: every GPU kernel, grouped by the HLO
 instruction that launched it. It prints the top kernels per step (time,
@@ -20,8 +23,10 @@ import collections
 import glob
 import json
 import os
+import statistics
 import sys
 import tempfile
+import time
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
 
@@ -34,6 +39,29 @@ sys.path.insert(0, os.path.dirname(__file__))
 from gpu import SIDE, D, N, jax_sync, timeit  # noqa: E402
 
 GEMM_MARKS = ("gemm", "cutlass", "nvjet", "xmma", "cublas", "sm90_", "sm80_")
+
+
+def pipelined(fn, calls: int = 10, reps: int = 5) -> float:
+  """Median seconds per call over `reps` runs of `calls` back-to-back calls, one sync each."""
+  times = []
+  for _ in range(reps):
+    t = time.perf_counter()
+    out = [fn() for _ in range(calls)]
+    jax.block_until_ready(out)
+    times.append((time.perf_counter() - t) / calls)
+    del out
+  return statistics.median(times)
+
+
+def dispatch(fn, iters: int = 20) -> float:
+  """Median host seconds for `fn()` to return (the device may still be running it)."""
+  times = []
+  for _ in range(iters):
+    t = time.perf_counter()
+    out = fn()
+    times.append(time.perf_counter() - t)
+    jax.block_until_ready(out)
+  return statistics.median(times)
 
 
 def kind(kernel: str, hlo_op: str) -> str:
@@ -100,6 +128,8 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
     box[0] = step(*args)
 
   ms = 1e3 * timeit(run, jax_sync(box), warmup=3, iters=30)
+  ms_pipelined = 1e3 * pipelined(lambda: step(*args))
+  ms_dispatch = 1e3 * dispatch(lambda: step(*args))
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
       for _ in range(trace_steps):
@@ -128,6 +158,8 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
     policy=policy,
     kernels=kernels,
     ms_per_step=ms,
+    ms_per_step_pipelined=ms_pipelined,
+    ms_dispatch=ms_dispatch,
     kernel_us_per_step=total / 1e3,
     busy_us_per_step=busy_ns(events) / trace_steps / 1e3,
     launches_per_step=sum(r["launches"] for r in rows),
@@ -135,6 +167,7 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
   )
   print(
     f"\n== B={b} {policy} kernels={kernels}: {ms:.3f} ms/step wall, "
+    f"{ms_pipelined:.3f} pipelined, {ms_dispatch:.3f} to dispatch, "
     f"{summary['busy_us_per_step']:.0f} us busy, {summary['launches_per_step']:.0f} launches"
   )
   for k, (u, n) in sorted(by_kind.items(), key=lambda x: -x[1][0]):
@@ -168,7 +201,12 @@ def main():
   ap.add_argument("--top", type=int, default=40, help="kernels printed per run (default: 40)")
   a = ap.parse_args()
   os.makedirs(a.out, exist_ok=True)
-  res = dict(device=jax.devices()[0].device_kind, jax=jax.__version__, runs=[])
+  res = dict(
+    device=jax.devices()[0].device_kind,
+    jax=jax.__version__,
+    xla_flags=os.environ.get("XLA_FLAGS", ""),
+    runs=[],
+  )
   for b in a.batch:
     for p in a.policy:
       for k in a.kernels:
