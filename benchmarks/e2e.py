@@ -61,7 +61,15 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax.linen.fp8_ops import OVERWRITE_WITH_GRADIENT as OWG  # noqa: E402
 
-from benchmarks.vit import ATTENTIONS, POOLINGS, TINY, VIT_B16, ViT, ViTConfig  # noqa: E402
+from benchmarks.vit import (  # noqa: E402
+  ATTENTIONS,
+  EXTRA_POOLINGS,
+  POOLINGS,
+  TINY,
+  VIT_B16,
+  ViT,
+  ViTConfig,
+)
 from moment_jax.kernels import FusedAdamW  # noqa: E402
 
 FRAMEWORKS = ("jax", "torch")
@@ -584,7 +592,7 @@ def format_table(rows: Sequence[dict[str, Any]], summary: Sequence[dict[str, Any
     f"{'framework':<9} {'pooling':<7} {'B':>4} {'ms/step':>9} {'pipelined':>9} "
     f"{'overhead ms':>11} {'overhead %':>10} {'peak MB':>9} {'params':>12}"
   ]
-  order = {k: i for i, k in enumerate(FRAMEWORKS + POOLINGS)}
+  order = {k: i for i, k in enumerate(FRAMEWORKS + POOLINGS + EXTRA_POOLINGS)}
   rows = merge_repeats(rows)
   for r in sorted(rows, key=lambda r: (r["batch"], order[r["framework"]], order[r["pooling"]])):
     head = f"{r['framework']:<9} {r['pooling']:<7} {r['batch']:>4}"
@@ -647,7 +655,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", nargs="+", type=int, default=[64, 128])
   ap.add_argument("--frameworks", nargs="+", choices=FRAMEWORKS, default=list(FRAMEWORKS))
-  ap.add_argument("--poolings", nargs="+", choices=POOLINGS, default=list(POOLINGS))
+  ap.add_argument(
+    "--poolings",
+    nargs="+",
+    choices=POOLINGS + EXTRA_POOLINGS,
+    default=list(POOLINGS),
+    help="default: %(default)s; 'xla' is the head with use_kernels=False (JAX only)",
+  )
   ap.add_argument("--steps", type=int, default=20, help="timed steps (each way)")
   ap.add_argument("--warmup", type=int, default=3, help="untimed steps after compiling")
   ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -750,7 +764,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     for rep in range(args.repeats)
     for fw in args.frameworks
     for pooling in args.poolings
-    if not (fw == "torch" and pooling.startswith("fused"))  # a JAX-only option
+    if not (fw == "torch" and pooling not in ("mean", "head"))  # JAX-only options
   ]
   for b, rep, fw, pooling in plan:
     t0 = time.perf_counter()

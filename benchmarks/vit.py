@@ -36,9 +36,11 @@ from moment_jax import MomentHead, grid_graph
 from moment_jax.kernels import FusedAdamW
 from moment_jax.ops._checks import check_int
 
-Pooling = Literal["mean", "head", "fused", "fused16"]
+Pooling = Literal["mean", "head", "fused", "fused16", "xla"]
 Attention = Literal["auto", "xla", "cudnn"]
 POOLINGS: tuple[Pooling, ...] = ("mean", "head", "fused", "fused16")
+# Not run by default: the head on its XLA path (`use_kernels=False`), to compare in one call.
+EXTRA_POOLINGS: tuple[Pooling, ...] = ("xla",)
 ATTENTIONS: tuple[Attention, ...] = ("auto", "xla", "cudnn")
 LN_EPS = 1e-6  # timm's ViT LayerNorm epsilon
 
@@ -174,11 +176,12 @@ class ViT(nn.Module):
     policy=head_policy)` with `grid_graph(side, side)`, Dense(classes);
   * "fused", "fused16": the same head with `fused_adamw=head_adamw` (its
     projection kernel's AdamW step inside the backward kernel; benchmarks/e2e.py
-    gives "fused16" bfloat16 moments).
+    gives "fused16" bfloat16 moments);
+  * "xla": the same head with `use_kernels=False` (its XLA path).
 
   Attributes:
     config: sizes (`ViTConfig`).
-    pooling: "mean", "head", "fused" or "fused16".
+    pooling: "mean", "head", "fused", "fused16" or "xla".
     head_preset: the moment head's preset.
     head_policy: the moment head's precision policy.
     head_adamw: the `FusedAdamW` of the "fused" pooling.
@@ -203,8 +206,9 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
     cfg = self.config
-    if self.pooling not in POOLINGS:
-      raise ValueError(f"pooling: expected one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+    if self.pooling not in POOLINGS + EXTRA_POOLINGS:
+      names = ", ".join(POOLINGS + EXTRA_POOLINGS)
+      raise ValueError(f"pooling: expected one of {names}, got {self.pooling!r}")
     if images.ndim != 4 or images.shape[1:] != (cfg.image, cfg.image, 3):
       raise ValueError(
         f"images: expected shape [batch, {cfg.image}, {cfg.image}, 3], got {images.shape}"
@@ -235,7 +239,11 @@ class ViT(nn.Module):
       if self.pooling.startswith("fused") and fused is None:
         raise ValueError(f"head_adamw: the {self.pooling!r} pooling needs a FusedAdamW")
       head = MomentHead.from_preset(
-        self.head_preset, policy=self.head_policy, fused_adamw=fused, name="head"
+        self.head_preset,
+        policy=self.head_policy,
+        fused_adamw=fused,
+        use_kernels=False if self.pooling == "xla" else None,
+        name="head",
       )
       y = head(x, grid_graph(cfg.side, cfg.side), train=train)
     y = nn.Dense(cfg.classes, name="classifier", **kw)(y)

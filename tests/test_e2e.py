@@ -51,6 +51,29 @@ def test_vit_rejects_bad_input():
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
 
 
+def test_xla_pooling_is_the_head_without_kernels(monkeypatch):
+  seen = []
+  original = vit.MomentHead.from_preset
+
+  def from_preset(*args, **kwargs):
+    seen.append(kwargs.get("use_kernels"))
+    return original(*args, **kwargs)
+
+  monkeypatch.setattr(vit.MomentHead, "from_preset", from_preset)
+  images = jnp.zeros((2, 32, 32, 3))
+  out = {}
+  for pooling in ("head", "xla"):
+    model = vit.ViT(config=vit.TINY, pooling=pooling)
+    variables = model.init(jax.random.key(0), images, train=False)
+    out[pooling] = model.apply(variables, images, train=False)
+  assert seen[0] is None and seen[-1] is False  # auto for "head", off for "xla"
+  # on the CPU both run the XLA path: the same logits
+  np.testing.assert_array_equal(out["head"], out["xla"])
+  with pytest.raises(SystemExit):  # a JAX-only pooling, but a valid choice
+    e2e.parse_args(["--poolings", "pallas"])
+  assert e2e.parse_args(["--poolings", "mean", "xla"]).poolings == ["mean", "xla"]
+
+
 def test_time_fn_keeps_no_output_alive():
   # A kept training-mode forward holds its activations: on the GPU that ran out of memory.
   class Out:
