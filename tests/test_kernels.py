@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moment_jax.kernels import Tiles, triu_project
+from moment_jax.kernels import Tiles, default_tiles, triu_project
 from moment_jax.kernels.triu_project import _kernel_precision, lower_offsets, upper_offsets
 from moment_jax.ops import split_matmul, triu_vector
 
@@ -128,6 +128,43 @@ def test_dw_kernel_runs_on_its_own_tiles():
   # dS: batch blocks of bwd_m x row tiles of bwd_k; dW: output blocks of dw_n x row tiles of dw_k
   assert grids["triu_project_bwd_ds"] == (2, -(-rows // 16))
   assert grids["triu_project_bwd_dw"] == (2, -(-rows // 32))
+
+
+def test_split_backward_allocates_dw_after_the_backbone():
+  """The default plain backward is two kernels, so that XLA can run the dW one
+  after a backbone's backward instead of holding dW through it (compiled memory
+  of a toy backbone under the head's projection; the H100 ViT-B/16 step: 9,114
+  MB against 8,569 at B=64)."""
+  dim, batch, d_out = 32, 4, 256
+  rows = dim * (dim + 1) // 2
+
+  def loss(layers, kernel, x, tiles):
+    for a in layers:  # a backbone whose backward keeps its activations
+      x = jnp.tanh(x @ a)
+    s = jnp.einsum("bnd,bne->bde", x, x)
+    y = triu_project(s, kernel, jnp.zeros(d_out), tiles=tiles, interpret=True)
+    return jnp.sum(y**2)
+
+  layers = [jnp.full((dim, dim), 0.01) for _ in range(4)]
+  kernel, x = jnp.ones((rows, d_out)), jnp.ones((batch, 512, dim))
+  tiles = default_tiles(batch)
+  assert tiles.bwd_split is True
+  temp = {}
+  for split in (True, False):
+    t = dataclasses.replace(tiles, bwd_split=split)
+    grad = jax.jit(jax.grad(lambda *a, t=t: loss(*a, t), argnums=(0, 1)))
+    temp[split] = grad.lower(layers, kernel, x).compile().memory_analysis().temp_size_in_bytes
+  assert temp[True] < temp[False], temp
+
+
+def test_default_tiles():
+  for batch in (1, 64, 65, 256):
+    assert default_tiles(batch).bwd_split is True  # the plain backward: dS and dW kernels
+  # the fused AdamW backward stays one kernel while the batch fits one block
+  assert default_tiles(64, jnp.float32).bwd_split is None
+  assert default_tiles(64, jnp.bfloat16) == Tiles()
+  assert default_tiles(128, jnp.bfloat16).bwd_k == 32
+  assert default_tiles(128).fwd_m == default_tiles(128, jnp.float32).fwd_m == 128
 
 
 def _bf16(x):

@@ -19,13 +19,16 @@ the default runs the XLA forward and only the backward here; with bf16
 products (`dtype`) it is faster, and it rounds W's tiles in registers where
 XLA would first write a rounded copy of W, so it is the default.
 
-Backward, when the batch fits one block: one program per tile reads the tile
-of W once and writes both the tile of dW (`f_tile^T dy`) and the tile's
-share of dS (`dy W_tile^T`, upper triangle, plus its share of the zeros
-below the diagonal). For larger batches that program would re-read its W
-tile and re-write its dW tile once per batch block, so the backward splits
-into a dW kernel (programs over tiles x output blocks, looping over the
-batch) and a dS kernel (tiles x batch blocks, looping over the outputs).
+Backward: a dS kernel (programs over batch blocks x tiles, looping over the
+outputs: `dy W_tile^T`, upper triangle, plus the tile's share of the zeros
+below the diagonal) and a dW kernel (output blocks x tiles, looping over the
+batch: `f_tile^T dy`; it never reads W, so the split moves no more bytes
+than one kernel would). Apart, XLA schedules the dW kernel late, so a
+backbone's backward does not run with the 605 MB dW already allocated. The
+fused AdamW backward, which updates W and the moments in place (no dW
+buffer), runs as one kernel when the batch fits one block: one program per
+tile reads its tile of W once for both its share of dS and the update
+(`Tiles.bwd_split` forces either form).
 """
 
 from __future__ import annotations
@@ -642,23 +645,27 @@ def _kernel_precision(precision: PrecisionLike, interpret: bool, operands: Any) 
 def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
   """The tiles measured best on an H100 (benchmarks/kernels.py --sweep,
   benchmarks/kernel_sweep.py) for this batch and, for the fused AdamW
-  backward, this moment dtype."""
-  if batch <= 64:
-    return Tiles()
-  if moment_dtype is not None and jnp.dtype(moment_dtype).itemsize == 2:
-    # The fused AdamW backward with bf16 moments: 32-row tiles ran it in 1.73 ms,
-    # not 1.98, at B=128 (bf16 products; kernel_sweep.py, H100).
-    return Tiles(fwd_m=128, fwd_warps=8, bwd_k=32)
+  backward, this moment dtype (None: the plain backward)."""
   # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16).
   # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
   # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
   # at B=128 0.4 ms slower: H100, docs/performance.md.)
+  wide = dict(fwd_m=128, fwd_warps=8) if batch > 64 else {}
   if moment_dtype is None:
-    # The split backward's dW kernel with 32-row batch steps over 128x128 tiles of dW:
-    # 1.17 and 1.73 ms, not 1.33 and 1.97, for the forward and backward at B=128 and
-    # 256 (bf16 products, H100, docs/performance.md). Its AdamW variant gained nothing.
-    return Tiles(fwd_m=128, fwd_warps=8, dw_m=32, dw_n=128, dw_k=128, dw_warps=8)
-  return Tiles(fwd_m=128, fwd_warps=8)
+    # The plain backward always runs a dS and a dW kernel. In one kernel both came out
+    # of one launch, so the 605 MB dW was allocated as early as dS and lived through a
+    # backbone's whole backward (ViT-B/16 step, B=64: peak 9,114 MB against 8,569);
+    # alone, XLA schedules the dW kernel late. Its tiles: 32-row batch steps over
+    # 128x128 tiles of dW (forward+backward 1.17 and 1.73 ms, not 1.33 and 1.97, at
+    # B=128 and 256; bf16 products, H100, docs/performance.md).
+    return Tiles(bwd_split=True, dw_m=32, dw_n=128, dw_k=128, dw_warps=8, **wide)
+  if wide and jnp.dtype(moment_dtype).itemsize == 2:
+    # The fused AdamW backward with bf16 moments: 32-row tiles ran it in 1.73 ms,
+    # not 1.98, at B=128 (bf16 products; kernel_sweep.py, H100).
+    return Tiles(bwd_k=32, **wide)
+  # The fused AdamW backward updates the kernel and moments in place: no dW buffer,
+  # so up to 64 rows it stays one kernel (dS and the update from one read of W).
+  return Tiles(**wide)
 
 
 def _check_float(name: str, x: jax.Array) -> None:
