@@ -54,7 +54,8 @@ BWD = (  # changes to default_tiles(batch)
   dict(bwd_n=128, stages=2),
   dict(bwd_m=128, bwd_split=False, bwd_warps=8),
   dict(bwd_m=128, bwd_n=128, bwd_split=False, bwd_warps=8),
-  dict(bwd_split=True),
+  dict(bwd_split=False),  # one kernel for dS and dW (the default before the split)
+  dict(dw_m=None, dw_n=None, dw_k=None, dw_warps=None),  # the dW kernel on the dS kernel's tiles
 )
 FUSED = (  # changes to default_tiles(batch, moment dtype), for the fused AdamW backward
   {},
