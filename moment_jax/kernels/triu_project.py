@@ -100,8 +100,14 @@ class Tiles:
 
   def for_dw(self) -> "Tiles":
     """These tiles with the dW kernel's sizes in the `bwd_` fields."""
-    dw = dict(bwd_m=self.dw_m, bwd_n=self.dw_n, bwd_k=self.dw_k, bwd_warps=self.dw_warps)
-    return dataclasses.replace(self, **{k: v for k, v in dw.items() if v is not None})
+    pick = lambda dw, bwd: bwd if dw is None else dw
+    return dataclasses.replace(
+      self,
+      bwd_m=pick(self.dw_m, self.bwd_m),
+      bwd_n=pick(self.dw_n, self.bwd_n),
+      bwd_k=pick(self.dw_k, self.bwd_k),
+      bwd_warps=pick(self.dw_warps, self.bwd_warps),
+    )
 
   def check(self, compiled: bool) -> None:
     for f in ("fwd_m", "fwd_n", "fwd_k", "bwd_m", "bwd_n", "bwd_k", "dw_m", "dw_n", "dw_k"):
@@ -650,7 +656,8 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
   # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
   # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
   # at B=128 0.4 ms slower: H100, docs/performance.md.)
-  wide = dict(fwd_m=128, fwd_warps=8) if batch > 64 else {}
+  wide = batch > 64
+  fwd = Tiles(fwd_m=128, fwd_warps=8) if wide else Tiles()
   if moment_dtype is None:
     # The plain backward always runs a dS and a dW kernel. In one kernel both came out
     # of one launch, so the 605 MB dW was allocated as early as dS and lived through a
@@ -658,14 +665,14 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
     # alone, XLA schedules the dW kernel late. Its tiles: 32-row batch steps over
     # 128x128 tiles of dW (forward+backward 1.17 and 1.73 ms, not 1.33 and 1.97, at
     # B=128 and 256; bf16 products, H100, docs/performance.md).
-    return Tiles(bwd_split=True, dw_m=32, dw_n=128, dw_k=128, dw_warps=8, **wide)
+    return dataclasses.replace(fwd, bwd_split=True, dw_m=32, dw_n=128, dw_k=128, dw_warps=8)
   if wide and jnp.dtype(moment_dtype).itemsize == 2:
     # The fused AdamW backward with bf16 moments: 32-row tiles ran it in 1.73 ms,
     # not 1.98, at B=128 (bf16 products; kernel_sweep.py, H100).
-    return Tiles(bwd_k=32, **wide)
+    return dataclasses.replace(fwd, bwd_k=32)
   # The fused AdamW backward updates the kernel and moments in place: no dW buffer,
   # so up to 64 rows it stays one kernel (dS and the update from one read of W).
-  return Tiles(**wide)
+  return fwd
 
 
 def _check_float(name: str, x: jax.Array) -> None:
