@@ -89,12 +89,14 @@ def tensor_sketch_moment(
   spectrum = jnp.fft.rfft(count_sketch(hc, hs[0], ss[0], sketch_dim), axis=-1)
   for h, s in zip(hs[1:], ss[1:]):
     spectrum = spectrum * jnp.fft.rfft(count_sketch(hc, h, s, sketch_dim), axis=-1)
-  ts = jnp.fft.irfft(spectrum, n=sketch_dim, axis=-1)  # [batch, tokens, sketch]
   n: jax.Array | int
   if mask is None:
     n = hc.shape[1]
   else:
     n = jnp.maximum(jnp.sum(mask.astype(dtype), axis=-1, keepdims=True), 1)
-  # Padding rows of hc are zero, so their sketch is zero: a plain sum is right.
-  m3 = jnp.sum(ts, axis=1) / n
+  # The inverse FFT is linear: the sum over tokens of the per-token sketches is the
+  # inverse FFT of the summed spectra, one per sample instead of one per token (and
+  # no [batch, tokens, sketch_dim] buffer). Padding rows of hc are zero, so their
+  # spectra are zero: a plain sum is right.
+  m3 = jnp.fft.irfft(jnp.sum(spectrum, axis=1), n=sketch_dim, axis=-1) / n
   return power_normalize(m3, eps)
