@@ -13,6 +13,7 @@ import functools
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -230,6 +231,24 @@ def test_tensor_sketch_moment(masked, sketch_dim):
   assert out.shape == (3, sketch_dim)
   # |m3| ~ 1 here: power normalisation is well conditioned, FFT round-off ~1e-6
   np.testing.assert_allclose(out, ref.tensor_sketch(hc, sketch_dim, 5, mask), rtol=1e-4, atol=1e-5)
+
+
+def test_tensor_sketch_inverts_one_spectrum_per_sample():
+  # The tokens' spectra are summed before the inverse FFT: no [batch, tokens, sketch]
+  # buffer, one irfft over [batch, sketch_dim // 2 + 1].
+  hc = jnp.zeros((3, 10, 6))
+  jaxpr = jax.make_jaxpr(lambda h: ops.tensor_sketch_moment(h, 16))(hc)
+
+  def eqns(j):  # every equation, inside nested jits too
+    for e in j.eqns:
+      yield e
+      for sub in jax.extend.core.jaxprs_in_params(e.params):
+        yield from eqns(sub)
+
+  ffts = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "fft"]
+  inverse = [e for e in ffts if e.params["fft_type"] == jax.lax.FftType.IRFFT]
+  assert len(ffts) == 4 and len(inverse) == 1
+  assert inverse[0].invars[0].aval.shape == (3, 9)
 
 
 # -- the pipeline --------------------------------------------------------------
