@@ -564,7 +564,7 @@ def _backward(
     if opt is None
     else [w_shape] + [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in opt[1:]]
   )
-  n_blocks, m_blocks, tiles = plan.bwd_blocks
+  _, m_blocks, tiles = plan.bwd_blocks
   warps = plan.tiles.bwd_warps
   if plan.split_backward or (opt is not None and m_blocks > 1):
     ds, *dx = _call(
