@@ -25,7 +25,13 @@ import numpy as np
 import pytest
 
 from moment_jax.kernels import Tiles, default_tiles, triu_project
-from moment_jax.kernels.triu_project import _kernel_precision, lower_offsets, upper_offsets
+from moment_jax.kernels.triu_project import (
+  _kernel_precision,
+  forward_chunk,
+  forward_chunks,
+  lower_offsets,
+  upper_offsets,
+)
 from moment_jax.ops import split_matmul, triu_vector
 
 RTOL_F32 = 1e-5
@@ -130,31 +136,26 @@ def test_dw_kernel_runs_on_its_own_tiles():
   assert grids["triu_project_bwd_dw"] == (2, -(-rows // 32))
 
 
-def test_split_backward_allocates_dw_after_the_backbone():
-  """The default plain backward is two kernels, so that XLA can run the dW one
-  after a backbone's backward instead of holding dW through it (compiled memory
-  of a toy backbone under the head's projection; the H100 ViT-B/16 step: 9,114
-  MB against 8,569 at B=64)."""
-  dim, batch, d_out = 32, 4, 256
-  rows = dim * (dim + 1) // 2
-
-  def loss(layers, kernel, x, tiles):
-    for a in layers:  # a backbone whose backward keeps its activations
-      x = jnp.tanh(x @ a)
-    s = jnp.einsum("bnd,bne->bde", x, x)
-    y = triu_project(s, kernel, jnp.zeros(d_out), tiles=tiles, interpret=True)
-    return jnp.sum(y**2)
-
-  layers = [jnp.full((dim, dim), 0.01) for _ in range(4)]
-  kernel, x = jnp.ones((rows, d_out)), jnp.ones((batch, 512, dim))
-  tiles = default_tiles(batch)
-  assert tiles.bwd_split is True
-  temp = {}
-  for split in (True, False):
-    t = dataclasses.replace(tiles, bwd_split=split)
-    grad = jax.jit(jax.grad(lambda *a, t=t: loss(*a, t), argnums=(0, 1)))
-    temp[split] = grad.lower(layers, kernel, x).compile().memory_analysis().temp_size_in_bytes
-  assert temp[True] < temp[False], temp
+def test_split_backward_leaves_dw_free_to_run_late():
+  """The default plain backward is two kernels, and the dW one reads only the
+  kept features and the output's cotangent: XLA may run it after a backbone's
+  backward instead of holding dW through it (H100 ViT-B/16 step at B=64: peak
+  9,114 MB with one kernel for dS and dW, 8,569 with two; docs/performance.md).
+  (The interpreter's compiled memory on the CPU tells nothing here: it runs
+  the kernels as loops over scatters, which it buffers differently.)"""
+  s, kernel, bias, extra, dy = make(33, 3, 17, 7, jnp.float32)
+  assert default_tiles(3).bwd_split is True
+  f = lambda s, k, b, x: triu_project(s, k, b, extra=x, interpret=True)
+  _, vjp = jax.vjp(f, s, kernel, bias, extra)
+  jaxpr = jax.make_jaxpr(vjp)(dy).jaxpr
+  calls = {e.params["name"]: e for e in jaxpr.eqns if e.primitive.name == "pallas_call"}
+  assert set(calls) == {"triu_project_bwd_ds", "triu_project_bwd_dw"}, set(calls)
+  ds, dw = calls["triu_project_bwd_ds"], calls["triu_project_bwd_dw"]
+  # dS (and the extra block's cotangent) only; dW from the residual and dy only.
+  assert [v.aval.shape for v in ds.outvars] == [(3, 33 * 33), (3, 7)]
+  assert [v.aval.shape for v in dw.outvars] == [kernel.shape]
+  assert not set(dw.invars) & set(ds.outvars)
+  assert dy.shape in [v.aval.shape for v in dw.invars] and len(dw.invars) == 2
 
 
 def test_default_tiles():
@@ -217,9 +218,10 @@ def test_bf16_operands_against_float64(forward, tiles, n_extra):
 
 
 @pytest.mark.parametrize("forward", ["xla", "kernel"])
-def test_residuals_are_the_packed_features(forward):
-  """The backward keeps the `[batch, F + extra]` features in S's dtype, not S
-  (`dim^2` columns per sample): the leaves of the VJP closure."""
+def test_residuals_are_the_features_not_s(forward):
+  """The backward keeps the features in S's dtype, not S (`dim^2` columns per
+  sample): packed (`F + extra` columns) after the XLA forward, in the forward
+  kernel's chunk layout (every chunk's `fwd_k` lanes) after the kernel."""
   dim, batch, n_extra = 16, 3, 5
   s, kernel, bias, extra, _ = make(dim, batch, 8, n_extra, jnp.bfloat16)
   fn = lambda s, k, b, x: triu_project(
@@ -228,8 +230,26 @@ def test_residuals_are_the_packed_features(forward):
   _, vjp = jax.vjp(fn, s, kernel, bias, extra)
   shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(vjp)}
   rows = dim * (dim + 1) // 2 + n_extra
-  assert ((batch, rows), jnp.dtype(jnp.bfloat16)) in shapes
+  cols = forward_chunks(dim, n_extra, SMALL.fwd_k) * SMALL.fwd_k if forward == "kernel" else rows
+  assert ((batch, cols), jnp.dtype(jnp.bfloat16)) in shapes
   assert not any(shape[1:] == (dim, dim) for shape, _ in shapes)
+  # At ViT-B's size the chunk layout keeps 8.2% more columns than the packed one.
+  assert forward_chunks(768, 0, 64) * 64 == 319_488 and 319_488 / 295_296 < 1.082
+
+
+def test_forward_chunks_cover_the_triangle_once():
+  """`forward_chunk` walks column blocks in order, rows 0 to (c + 1) k - 1 in
+  each, and the unmasked lanes hold every packed row exactly once."""
+  for dim, k in ((768, 64), (33, 16), (8, 16), (50, 8), (767, 64)):
+    n = forward_chunks(dim, 0, k)
+    i, c = (np.asarray(a) for a in forward_chunk(jnp.arange(n, dtype=jnp.int32), dim, k))
+    want = [(r, b) for b in range(-(-dim // k)) for r in range((b + 1) * k)]
+    assert list(zip(i.tolist(), c.tolist())) == want, (dim, k)
+    j = c[:, None] * k + np.arange(k)
+    ok = (j >= i[:, None]) & (j < dim) & (i[:, None] < dim)
+    offsets = np.sort((i[:, None] * dim + j)[ok])
+    iu = np.triu_indices(dim)
+    np.testing.assert_array_equal(offsets, iu[0] * dim + iu[1])
 
 
 def test_xla_forward_kernel_backward():
