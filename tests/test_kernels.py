@@ -164,7 +164,8 @@ def test_default_tiles():
   # the fused AdamW backward stays one kernel while the batch fits one block
   assert default_tiles(64, jnp.float32).bwd_split is None
   assert default_tiles(64, jnp.bfloat16) == Tiles()
-  assert default_tiles(128, jnp.bfloat16).bwd_k == 32
+  assert default_tiles(128, jnp.bfloat16) == default_tiles(128, jnp.float32)
+  assert default_tiles(128, jnp.bfloat16).bwd_k == Tiles().fwd_k  # one forward chunk per tile
   assert default_tiles(128).fwd_m == default_tiles(128, jnp.float32).fwd_m == 128
 
 

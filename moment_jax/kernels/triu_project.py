@@ -796,12 +796,11 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
     # 128x128 tiles of dW (forward+backward 1.17 and 1.73 ms, not 1.33 and 1.97, at
     # B=128 and 256; bf16 products, H100, docs/performance.md).
     return dataclasses.replace(fwd, bwd_split=True, dw_m=32, dw_n=128, dw_k=128, dw_warps=8)
-  if wide and jnp.dtype(moment_dtype).itemsize == 2:
-    # The fused AdamW backward with bf16 moments: 32-row tiles ran it in 1.73 ms,
-    # not 1.98, at B=128 (bf16 products; kernel_sweep.py, H100).
-    return dataclasses.replace(fwd, bwd_k=32)
   # The fused AdamW backward updates the kernel and moments in place: no dW buffer,
   # so up to 64 rows it stays one kernel (dS and the update from one read of W).
+  # Above, its update kernel reads the forward's chunk layout; with bf16 moments
+  # 64-column tiles (one chunk each) ran forward+fused in 2.08 and 2.71 ms, not
+  # 2.19 and 3.05 with 32 (B=128, 256; kernel_sweep.py, H100, docs/performance.md).
   return fwd
 
 
