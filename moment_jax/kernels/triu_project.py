@@ -2,28 +2,30 @@
 
 The XLA path gathers the triangle into `[batch, F]` features (F = D(D+1)/2),
 writes them to memory, reads them back for the product and, in the backward,
-scatter-adds their cotangent into `[batch, D, D]`. Here the packed rows of W
-are walked in tiles of `k` consecutive rows; each kernel computes the flat
-offset `i * D + j` of every packed row from its index (a square root and a
-correction, no table), gathers that tile of features from S straight into
-the product and scatters its cotangent straight into the cotangent of S:
-the cotangent of the `[batch, F]` features is never built. Under
-differentiation the forward kernel writes the packed features it reads (in
-S's dtype) as the backward's residual, half the bytes of S; otherwise it
+scatter-adds their cotangent into `[batch, D, D]`. Here the kernels read S
+and write the cotangent of S straight from and into their tiles: the
+cotangent of the `[batch, F]` features is never built. Under
+differentiation the forward kernel writes the features it reads (in S's
+dtype) as the backward's residual, about half the bytes of S; otherwise it
 writes none.
 
 Forward (`forward="kernel"`): split-K over groups of row chunks, one
 `[m, n]` partial sum per group, summed (and the bias added) outside. A chunk
-is the `k` columns of one `k`-aligned column block of one row of S, on or
-above the diagonal (`forward_chunk`): its features are one contiguous,
-aligned slice of S, which Triton loads in 16-byte vectors into its pipeline,
-and its packed rows of W are consecutive. (Tiles of `k` consecutive packed
-rows span row ends at unaligned offsets: loaded element by element, outside
-the pipeline, they ran the B=128 forward in 0.51 ms against 0.36 on an H100.)
+is the `k` columns of one `k`-aligned column block of one row of S, lanes
+below the diagonal masked (`forward_chunk`): its features are one aligned
+slice of S, which Triton loads in 16-byte vectors into its pipeline, and
+its rows of W are consecutive. With the split backward the residual keeps
+that chunk layout (`_Plan.chunked`: 8% more columns, stored in aligned
+vectors too), else the packed one. (Tiles of `k` consecutive packed rows
+span row ends at unaligned offsets: loaded and stored element by element,
+outside the pipeline, they ran the B=128 forward in 0.50 ms against 0.33 on
+an H100.)
 
-Backward: a dS kernel (programs over batch blocks x tiles, looping over the
-outputs: `dy W_tile^T`, upper triangle, plus the tile's share of the zeros
-below the diagonal) and a dW kernel (output blocks x tiles, looping over the
+Backward: a dS kernel (programs over batch blocks x tiles of `k`
+consecutive packed rows, looping over the outputs: `dy W_tile^T`, scattered
+to the flat offsets `i * D + j` it computes from each packed index (a square
+root and a correction, no table; `upper_offsets`), plus the tile's share of
+the zeros below the diagonal) and a dW kernel (output blocks x tiles, looping over the
 batch: `f_tile^T dy`; it never reads W, so the split moves no more bytes
 than one kernel would). Apart, XLA schedules the dW kernel late, so a
 backbone's backward does not run with the 605 MB dW already allocated. The
@@ -231,7 +233,7 @@ class _Plan:
     Chunks start at aligned columns, so the kernel stores them in vectors
     (B=128 forward 0.34 ms, not 0.51, on an H100), but they hold 8% more
     columns (masked lanes); the one-kernel backward, which runs a program
-    per tile of them, ran 5% slower on those (fused AdamW, B=64). So only
+    per tile of them, ran 3-5% slower on those (fused AdamW, B=64). So only
     with the split backward.
     """
     return self.forward == "kernel" and self.split_backward
