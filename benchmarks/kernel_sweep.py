@@ -132,7 +132,8 @@ def main(argv=None) -> int:
     s, w, bias = inputs(b, D, D_OUT, jnp.bfloat16)
     dy = jax.random.normal(jax.random.key(3), (b, D_OUT), jnp.float32)
     rows_w = w.shape[0]
-    # The forward reads W and the triangle of S and writes the packed features; the
+    # The forward reads W and the triangle of S and writes the kept features (their packed
+    # size: the least traffic; the chunk layout of the split backward writes 8% more); the
     # backward reads them and W, writes dW (or W and both moments) and the dense dS.
     fwd_keep = rows_w * D_OUT * 4 + 2 * b * rows_w * 2
     bwd_bytes = fwd_keep + 2 * rows_w * D_OUT * 4 + b * rows_w * 2 + b * D * D * 2

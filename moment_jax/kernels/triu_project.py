@@ -25,9 +25,9 @@ Backward: a dS kernel (programs over batch blocks x tiles of `k`
 consecutive packed rows, looping over the outputs: `dy W_tile^T`, scattered
 to the flat offsets `i * D + j` it computes from each packed index (a square
 root and a correction, no table; `upper_offsets`), plus the tile's share of
-the zeros below the diagonal) and a dW kernel (output blocks x tiles, looping over the
-batch: `f_tile^T dy`; it never reads W, so the split moves no more bytes
-than one kernel would). Apart, XLA schedules the dW kernel late, so a
+the zeros below the diagonal) and a dW kernel (output blocks x tiles of the
+kept features, looping over the batch: `f_tile^T dy`; it never reads W, so
+the split moves no more bytes than one kernel would). Apart, XLA schedules the dW kernel late, so a
 backbone's backward does not run with the 605 MB dW already allocated. The
 fused AdamW backward, which updates W and the moments in place (no dW
 buffer), runs as one kernel when the batch fits one block: one program per
@@ -205,7 +205,7 @@ class _Plan:
 
   @property
   def f_dtype(self) -> Any:
-    """Of the packed features kept for the backward: S's and extra's, exact."""
+    """Of the features kept for the backward: S's and extra's, exact."""
     extra = () if self.extra_dtype is None else (self.extra_dtype,)
     return jnp.result_type(self.s_dtype, *extra)
 
@@ -653,7 +653,7 @@ def _forward(
   extra: jax.Array | None,
   keep: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """(y, the packed `[batch, F + extra_dim]` features in `plan.f_dtype` with `keep`, else None)."""
+  """(y, the `[batch, plan.f_cols]` features in `plan.f_dtype` with `keep`, else None)."""
   if plan.forward == "xla":
     f = triu_vector(s).astype(plan.f_dtype)
     if extra is not None:
@@ -681,7 +681,7 @@ def _backward(
   opt: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Any, jax.Array | None]:
   """(dS, dW or (new kernel, new mu, new nu) with `opt = (hyper, mu, nu)`, dx) from
-  the packed features `f` that `_forward` kept."""
+  the features `f` that `_forward` kept (`plan.chunked`'s layout)."""
   d2 = plan.dim * plan.dim
   ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), plan.s_dtype)]
   dx_shape = (
@@ -736,8 +736,9 @@ def _backward(
   return ds, w_new, (dx[0] if plan.extra else None)
 
 
-# The residuals are the packed features (F + extra_dim columns in S's dtype), not
-# S itself (dim^2 columns): half the bytes, and the backward reads them contiguously.
+# The residuals are the features (F + extra_dim columns in S's dtype, or the forward
+# kernel's chunk layout, 8% more), not S itself (dim^2 columns): about half the bytes,
+# and the backward reads them contiguously.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _triu_project(plan: _Plan, s, kernel, bias, extra):
   return _forward(plan, s, kernel, bias, extra)[0]
@@ -906,10 +907,12 @@ def triu_project(
       (`F32_F32_F32`: IEEE float32 on the CUDA cores, slow).
     forward: "kernel" runs the forward kernel; "xla" runs the forward as the
       XLA path does and only the backward in Pallas. Either way the
-      residuals are the kernel and the packed `[batch, F + extra_dim]`
-      features in the dtype of `s` (and `extra`), not `s`. None: "kernel" for 16-bit products, else
-      "xla". On an H100 the forward kernel ran 1.5x (B=64) to 2.3x (B=256)
-      slower than XLA's gather and product with float32 operands, and 1.3x
+      residuals are the kernel and the `[batch, F + extra_dim]` features
+      in the dtype of `s` (and `extra`), not `s` (in the forward kernel's
+      chunk layout, 8% wider, when the backward runs as two kernels).
+      None: "kernel" for 16-bit products, else "xla". On an H100 the
+      forward kernel ran 1.5x (B=64) to 2.3x (B=256) slower than XLA's
+      gather and product with float32 operands, and 1.3x
       (B=64) to 1.8x (B=256) faster with bfloat16 ones
       (docs/performance.md).
     interpret: run the Pallas interpreter; None means on every backend but GPU.
