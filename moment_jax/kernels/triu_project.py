@@ -401,12 +401,6 @@ def _load_2d(ref, r0, nr, c0, nc, n_rows, n_cols, dtype):
   return x.astype(dtype)
 
 
-def _store_2d(ref, x, r0, c0, n_rows, n_cols):
-  nr, nc = x.shape
-  mask = (r0 + jnp.arange(nr) < n_rows)[:, None] & (c0 + jnp.arange(nc) < n_cols)[None, :]
-  plgpu.store(ref.at[pl.ds(r0, nr), pl.ds(c0, nc)], x.astype(ref.dtype), mask=mask)
-
-
 class _Rows(NamedTuple):
   """Rows of W (or dW, mu, nu) for a tile's lanes."""
 
