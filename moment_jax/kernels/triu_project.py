@@ -27,8 +27,9 @@ to the flat offsets `i * D + j` it computes from each packed index (a square
 root and a correction, no table; `upper_offsets`), plus the tile's share of
 the zeros below the diagonal) and a dW kernel (output blocks x tiles of the
 kept features, looping over the batch: `f_tile^T dy`; it never reads W, so
-the split moves no more bytes than one kernel would). Apart, XLA schedules the dW kernel late, so a
-backbone's backward does not run with the 605 MB dW already allocated. The
+the split moves no more bytes than one kernel would). Apart, XLA schedules
+the dW kernel late, so a backbone's backward does not run with the 605 MB dW
+already allocated. The
 fused AdamW backward, which updates W and the moments in place (no dW
 buffer), runs as one kernel when the batch fits one block: one program per
 tile reads its tile of W once for both its share of dS and the update
@@ -430,22 +431,22 @@ def _store_rows(ref, x, rows: _Rows, c0, n_rows, n_cols):
 
 
 def _chunk_lanes(plan: _Plan, q: jax.Array, lane: Any):
-  """Lanes `lane` of forward chunks `q` (broadcast together): `(i, c, in_tri, r, p)`.
+  """Lanes `lane` of forward chunks `q` (broadcast together): `(i, c, in_tri, base, p)`.
 
   Row `i` and column block `c` of the chunk (`forward_chunk`), whether each
-  lane is a triangle entry, its row of W if it were one (`r`, consecutive
-  along a chunk's lanes, masked ones included), and its packed row `p`
-  (`plan.rows` for masked lanes).
+  lane is a triangle entry, the row of W of the chunk's lane 0 (`base`, the
+  rows run consecutively along the lanes, masked ones included), and each
+  lane's packed row `p` (`plan.rows` for masked lanes).
   """
   k, dim = plan.tiles.fwd_k, plan.dim
   tri_chunks = forward_chunks(dim, 0, k)
   i, c = forward_chunk(q, dim, k)
   j = c * k + lane
   in_tri = (q < tri_chunks) & (j >= i) & (j < dim)
-  x = (q - tri_chunks) * k + lane  # the lane's column of the extra block
-  r = jnp.where(q < tri_chunks, lax.div(i * (2 * dim + 1 - i), 2) + j - i, plan.tri + x)
-  ok = in_tri | ((q >= tri_chunks) & (x < plan.extra))
-  return i, c, in_tri, r, jnp.where(ok, r, plan.rows)
+  x0 = (q - tri_chunks) * k  # the chunk's first column of the extra block
+  base = jnp.where(q < tri_chunks, lax.div(i * (2 * dim + 1 - i), 2) + c * k - i, plan.tri + x0)
+  ok = in_tri | ((q >= tri_chunks) & (x0 + lane < plan.extra))
+  return i, c, in_tri, base, jnp.where(ok, base + lane, plan.rows)
 
 
 def _tile_rows(plan: _Plan, col0, k: int) -> _Rows:
@@ -457,7 +458,8 @@ def _tile_rows(plan: _Plan, col0, k: int) -> _Rows:
   fk = plan.tiles.fwd_k
   if k <= fk:  # within one chunk: consecutive rows
     q, l0 = lax.div(col0, fk), lax.rem(col0, fk)
-    return _Rows(_chunk_lanes(plan, q, l0 + lane)[-1], _chunk_lanes(plan, q, l0)[3])
+    *_, base, p = _chunk_lanes(plan, q, l0 + lane)
+    return _Rows(p, base + l0)
   cols = col0 + lane
   return _Rows(_chunk_lanes(plan, lax.div(cols, fk), lax.rem(cols, fk))[-1], None)
 
@@ -477,17 +479,18 @@ def _fwd_kernel(plan: _Plan, keep: bool, s_ref, w_ref, *refs):
 
   def step(q, acc):
     q = g_id * per + q
-    i, c, in_tri, _, p = _chunk_lanes(plan, q, lane)
-    rows = _Rows(p, _chunk_lanes(plan, q, 0)[3])
+    i, c, in_tri, base, p = _chunk_lanes(plan, q, lane)
+    rows = _Rows(p, base)
     s0 = pl.multiple_of(i * dim + c * bk, math.gcd(dim, bk))  # 16-byte vectors of bf16 S
     f = plgpu.load(
       s_ref.at[pl.ds(m0, bm), pl.ds(s0, bk)], mask=row_ok & in_tri[None, :], other=0.0
     ).astype(plan.f_dtype)
     if x_ref is not None:
       in_x = (p >= plan.tri) & (p < plan.rows)
-      x0 = (q - forward_chunks(dim, 0, bk)) * bk  # x's first lane
       xs = plgpu.load(
-        x_ref.at[pl.ds(m0, bm), pl.ds(x0, bk)], mask=row_ok & in_x[None, :], other=0.0
+        x_ref.at[pl.ds(m0, bm), pl.ds(base - plan.tri, bk)],  # meaningful for extra chunks only
+        mask=row_ok & in_x[None, :],
+        other=0.0,
       )
       f = jnp.where(in_x[None, :], xs.astype(plan.f_dtype), f)
     if f_ref is not None:
