@@ -155,7 +155,8 @@ def test_split_backward_leaves_dw_free_to_run_late():
   assert [v.aval.shape for v in ds.outvars] == [(3, 33 * 33), (3, 7)]
   assert [v.aval.shape for v in dw.outvars] == [kernel.shape]
   assert not set(dw.invars) & set(ds.outvars)
-  assert dy.shape in [v.aval.shape for v in dw.invars] and len(dw.invars) == 2
+  # float32 operands: the kept features and dy enter transposed (`_Plan.f_transposed`).
+  assert [v.aval.shape for v in dw.invars] == [(kernel.shape[0], 3), dy.shape[::-1]]
 
 
 def test_default_tiles():
@@ -218,21 +219,27 @@ def test_bf16_operands_against_float64(forward, tiles, n_extra):
   np.testing.assert_allclose(np.asarray(db), np.asarray(dy).sum(0), rtol=1e-6)
 
 
-@pytest.mark.parametrize("forward", ["xla", "kernel"])
-def test_residuals_are_the_features_not_s(forward):
+@pytest.mark.parametrize(
+  "forward,dtype", [("xla", None), ("xla", jnp.bfloat16), ("kernel", jnp.bfloat16)]
+)
+def test_residuals_are_the_features_not_s(forward, dtype):
   """The backward keeps the features in S's dtype, not S (`dim^2` columns per
-  sample): packed (`F + extra` columns) after the XLA forward, in the forward
-  kernel's chunk layout (every chunk's `fwd_k` lanes) after the kernel."""
+  sample): packed (`F + extra` columns) after the XLA forward, transposed
+  (`[F + extra, batch]`) for float32 products, in the forward kernel's chunk
+  layout (every chunk's `fwd_k` lanes) after the kernel."""
   dim, batch, n_extra = 16, 3, 5
   s, kernel, bias, extra, _ = make(dim, batch, 8, n_extra, jnp.bfloat16)
   fn = lambda s, k, b, x: triu_project(
-    s, k, b, extra=x, forward=forward, interpret=True, tiles=SMALL
+    s, k, b, extra=x, forward=forward, interpret=True, tiles=SMALL, dtype=dtype
   )
   _, vjp = jax.vjp(fn, s, kernel, bias, extra)
   shapes = {(x.shape, x.dtype) for x in jax.tree.leaves(vjp)}
   rows = dim * (dim + 1) // 2 + n_extra
-  cols = forward_chunks(dim, n_extra, SMALL.fwd_k) * SMALL.fwd_k if forward == "kernel" else rows
-  assert ((batch, cols), jnp.dtype(jnp.bfloat16)) in shapes
+  if forward == "kernel":
+    want = (batch, forward_chunks(dim, n_extra, SMALL.fwd_k) * SMALL.fwd_k)
+  else:
+    want = (batch, rows) if dtype else (rows, batch)
+  assert (want, jnp.dtype(jnp.bfloat16)) in shapes
   assert not any(shape[1:] == (dim, dim) for shape, _ in shapes)
   # At ViT-B's size the chunk layout keeps 8.2% more columns than the packed one.
   assert forward_chunks(768, 0, 64) * 64 == 319_488 and 319_488 / 295_296 < 1.082

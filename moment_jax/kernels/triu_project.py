@@ -240,6 +240,19 @@ class _Plan:
     return self.forward == "kernel" and self.split_backward
 
   @property
+  def f_transposed(self) -> bool:
+    """Whether the kept features are stored `[columns, batch]` (else `[batch, columns]`).
+
+    With 32-bit operands the dW kernel's product `f^T dy` runs on the tensor
+    cores (TF32) only with the batch, its contraction, contiguous in both
+    operands; from `[batch, columns]` tiles Triton transposes them first, and
+    the dW kernel took 462 µs instead of 248 (H100, B=64, docs/performance.md).
+    16-bit operands do not need it. Only with the split backward and XLA's
+    forward (the fused one-kernel backward and the forward kernel keep rows).
+    """
+    return jnp.dtype(self.mm_dtype).itemsize == 4 and self.split_backward and not self.chunked
+
+  @property
   def f_cols(self) -> int:
     """Columns of the kept features: every forward chunk's `fwd_k` lanes, or the packed rows."""
     if self.chunked:
@@ -601,6 +614,10 @@ def _dw_kernel(plan: _Plan, f_ref, dy_ref, *refs):
   w_rows = _tile_rows(plan, col0, bk)
 
   def step(m, acc):
+    if plan.f_transposed:  # f^T and dy^T tiles: the batch contiguous in both
+      f = _load_2d(f_ref, col0, bk, m * bm, bm, plan.f_cols, plan.batch, plan.mm_dtype)
+      g = _load_2d(dy_ref, n0, bn, m * bm, bm, plan.d_out, plan.batch, plan.mm_dtype)
+      return acc + _dot(f, g, (1, 1), plan.precision)
     f = _load_2d(f_ref, m * bm, bm, col0, bk, plan.batch, plan.f_cols, plan.mm_dtype)
     g = _load_2d(dy_ref, m * bm, bm, n0, bn, plan.batch, plan.d_out, plan.mm_dtype)
     return acc + _dot(f, g, (0, 0), plan.precision)
@@ -650,13 +667,15 @@ def _forward(
   extra: jax.Array | None,
   keep: bool = False,
 ) -> tuple[jax.Array, jax.Array | None]:
-  """(y, the `[batch, plan.f_cols]` features in `plan.f_dtype` with `keep`, else None)."""
+  """(y, the `[batch, plan.f_cols]` features in `plan.f_dtype` with `keep`, else None;
+  `[plan.f_cols, batch]` with `plan.f_transposed`)."""
   if plan.forward == "xla":
     f = triu_vector(s).astype(plan.f_dtype)
     if extra is not None:
       f = jnp.concatenate([f, extra.astype(plan.f_dtype)], axis=-1)
     y = split_matmul(f.astype(plan.mm_dtype), kernel.astype(plan.mm_dtype), plan.xla_precision)
-    return y.astype(plan.kernel_dtype) + bias, (f if keep else None)
+    kept = (f.T if plan.f_transposed else f) if keep else None
+    return y.astype(plan.kernel_dtype) + bias, kept
   nb, mb, groups, _ = plan.fwd_blocks
   args = [s.reshape(plan.batch, plan.dim * plan.dim), kernel] + ([extra] if plan.extra else [])
   out = [jax.ShapeDtypeStruct((groups, plan.batch, plan.d_out), jnp.float32)]
@@ -678,7 +697,7 @@ def _backward(
   opt: tuple[jax.Array, jax.Array, jax.Array] | None = None,
 ) -> tuple[jax.Array, Any, jax.Array | None]:
   """(dS, dW or (new kernel, new mu, new nu) with `opt = (hyper, mu, nu)`, dx) from
-  the features `f` that `_forward` kept (`plan.chunked`'s layout)."""
+  the features `f` that `_forward` kept (`plan.chunked`'s layout, `plan.f_transposed`'s)."""
   d2 = plan.dim * plan.dim
   ds_shape = [jax.ShapeDtypeStruct((plan.batch, d2), plan.s_dtype)]
   dx_shape = (
@@ -702,8 +721,11 @@ def _backward(
     dw_plan = dataclasses.replace(plan, tiles=plan.tiles.for_dw())
     dw_grid = (dw_plan.bwd_blocks[0], dw_plan.bwd_blocks[2])
     dw_warps = dw_plan.tiles.bwd_warps
+    dy_dw = dy.T if plan.f_transposed else dy
     if opt is None:
-      w_new = _call(dw_plan, _dw_kernel, w_shape, dw_grid, dw_warps, "triu_project_bwd_dw")(f, dy)
+      w_new = _call(dw_plan, _dw_kernel, w_shape, dw_grid, dw_warps, "triu_project_bwd_dw")(
+        f, dy_dw
+      )
     else:
       # Inputs f, dy, kernel, dS, hyper, mu, nu: the kernel is updated in place
       # after the dS kernel (an input here) has read it.
@@ -715,7 +737,7 @@ def _backward(
         dw_warps,
         "triu_project_bwd_adamw",
         aliases={2: 0, 5: 1, 6: 2},
-      )(f, dy, kernel, ds, *opt_in)
+      )(f, dy_dw, kernel, ds, *opt_in)
   else:
     aliases = None if opt is None else {1: 1, 4: 2, 5: 3}
     ds, *rest = _call(
