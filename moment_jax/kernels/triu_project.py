@@ -27,7 +27,8 @@ to the flat offsets `i * D + j` it computes from each packed index (a square
 root and a correction, no table; `upper_offsets`), plus the tile's share of
 the zeros below the diagonal) and a dW kernel (output blocks x tiles of the
 kept features, looping over the batch: `f_tile^T dy`; it never reads W, so
-the split moves no more bytes than one kernel would). Apart, XLA schedules
+the split moves no more bytes than one kernel would; with 32-bit products
+it reads `[columns, batch]` features and `dy^T`, `_Plan.f_transposed`). Apart, XLA schedules
 the dW kernel late, so a backbone's backward does not run with the 605 MB dW
 already allocated. The
 fused AdamW backward, which updates W and the moments in place (no dW
@@ -727,8 +728,8 @@ def _backward(
         f, dy_dw
       )
     else:
-      # Inputs f, dy, kernel, dS, hyper, mu, nu: the kernel is updated in place
-      # after the dS kernel (an input here) has read it.
+      # Inputs f, dy (dy^T with f_transposed), kernel, dS, hyper, mu, nu: the kernel
+      # is updated in place after the dS kernel (an input here) has read it.
       w_new = _call(
         dw_plan,
         _dw_kernel,
