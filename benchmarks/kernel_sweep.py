@@ -36,7 +36,7 @@ from moment_jax.kernels import FusedAdamW, default_tiles, triu_project, triu_pro
 from moment_jax.ops import triu_vector
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernels import D_OUT, D, ceilings, inputs, timeit  # noqa: E402
+from kernels import D_OUT, D, ceilings, fwd_bwd, inputs, timeit  # noqa: E402
 
 BWD = (  # changes to default_tiles(batch)
   {},
@@ -88,14 +88,6 @@ def time_fused(b, s, w, bias, dy, moment_dtype, operands, tiles, reps, inner) ->
     jax.block_until_ready((y, state))
     times.append((time.perf_counter() - t) / inner)
   return statistics.median(times)
-
-
-def fwd_bwd(f, dy, *args):
-  """`(f(*args), its VJP with dy)`: returning y keeps XLA from dropping a
-  forward whose only other use is the kept features (the XLA forward's
-  product; a forward kernel computes both in one call anyway)."""
-  y, back = jax.vjp(f, *args)
-  return y, back(dy)
 
 
 def split_product(x, w, c):

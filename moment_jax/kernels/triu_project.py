@@ -28,13 +28,13 @@ root and a correction, no table; `upper_offsets`), plus the tile's share of
 the zeros below the diagonal) and a dW kernel (output blocks x tiles of the
 kept features, looping over the batch: `f_tile^T dy`; it never reads W, so
 the split moves no more bytes than one kernel would; with 32-bit products
-it reads `[columns, batch]` features and `dy^T`, `_Plan.f_transposed`). Apart, XLA schedules
-the dW kernel late, so a backbone's backward does not run with the 605 MB dW
-already allocated. The
-fused AdamW backward, which updates W and the moments in place (no dW
-buffer), runs as one kernel when the batch fits one block: one program per
-tile reads its tile of W once for both its share of dS and the update
-(`Tiles.bwd_split` forces either form).
+it reads `[columns, batch]` features and `dy^T`, `_Plan.f_transposed`).
+Apart, XLA schedules the dW kernel late, so a backbone's backward does not
+run with the 605 MB dW already allocated. The fused AdamW backward, which
+updates W and the moments in place (no dW buffer), runs as one kernel when
+the batch fits one block: one program per tile reads its tile of W once
+for both its share of dS and the update (`Tiles.bwd_split` forces either
+form).
 """
 
 from __future__ import annotations
@@ -248,10 +248,10 @@ class _Plan:
     cores (TF32) only with the batch, its contraction, contiguous in both
     operands; from `[batch, columns]` tiles Triton transposes them first, and
     the dW kernel took 462 µs instead of 248 (H100, B=64, docs/performance.md).
-    16-bit operands do not need it. Only with the split backward and XLA's
-    forward (the fused one-kernel backward and the forward kernel keep rows).
+    16-bit operands do not need it. Only with XLA's forward and the split
+    backward (the forward kernel and the fused one-kernel backward keep rows).
     """
-    return jnp.dtype(self.mm_dtype).itemsize == 4 and self.split_backward and not self.chunked
+    return self.forward == "xla" and self.split_backward and jnp.dtype(self.mm_dtype).itemsize == 4
 
   @property
   def f_cols(self) -> int:
@@ -929,7 +929,9 @@ def triu_project(
       XLA path does and only the backward in Pallas. Either way the
       residuals are the kernel and the `[batch, F + extra_dim]` features
       in the dtype of `s` (and `extra`), not `s` (in the forward kernel's
-      chunk layout, 8% wider, when the backward runs as two kernels).
+      chunk layout, 8% wider, when the backward runs as two kernels;
+      transposed, `[F + extra_dim, batch]`, after the XLA forward with
+      32-bit products and two backward kernels).
       None: "kernel" for 16-bit products, else "xla". On an H100 the
       forward kernel ran 1.5x (B=64) to 2.3x (B=256) slower than XLA's
       gather and product with float32 operands, and 1.3x
