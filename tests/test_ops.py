@@ -63,6 +63,22 @@ def test_normalize_graph(shared, masked):
   np.testing.assert_allclose(out, ref.normalize_graph(g, 1e-5, mask), rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("masked", [False, True])
+def test_centred_graph_propagates_centred_tokens(shared, masked):
+  # The pipeline propagates with `center_graph`'s C: C x must be the reference's
+  # propagation followed by its centring, padding rows zero.
+  rng = np.random.default_rng(2)
+  x = rng.normal(size=(3, 9, 5)).astype(np.float32) + 3.0  # a mean to remove
+  g = random_graph(rng, 3, 9, shared)
+  mask = random_mask(rng, 3, 9) if masked else None
+  m = None if mask is None else jnp.asarray(mask)
+  c = ops.center_graph(ops.normalize_graph(jnp.asarray(g), 1e-5, m), m)
+  want, n = ref.center(ref.propagate(x, g, 1e-5, mask), mask)
+  assert rel_err(ops.propagate(c, jnp.asarray(x)), want) < 1e-6
+  np.testing.assert_array_equal(ops.token_count(jnp.asarray(x), m), n)
+
+
 def test_shared_graph_equals_its_broadcast():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(3, 16, 5)).astype(np.float32)

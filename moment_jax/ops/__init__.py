@@ -5,8 +5,8 @@ from moment_jax.ops._checks import check_inputs, check_values
 from moment_jax.ops.chunk import map_samples
 from moment_jax.ops.features import feature_size, moment_features
 from moment_jax.ops.gram import gram_sqrtm, token_gram, use_token_space
-from moment_jax.ops.graph import grid_graph, normalize_graph, propagate
-from moment_jax.ops.moment import center, centered_moment, second_moment
+from moment_jax.ops.graph import center_graph, grid_graph, normalize_graph, propagate
+from moment_jax.ops.moment import center, centered_moment, second_moment, token_count
 from moment_jax.ops.project import contraction_pieces, project, project_chunked, split_matmul
 from moment_jax.ops.sketch import count_sketch, power_normalize, sketch_hashes, tensor_sketch_moment
 from moment_jax.ops.sqrtm import (
@@ -20,6 +20,7 @@ from moment_jax.ops.triu import triu_flat_indices, triu_size, triu_vector
 
 __all__ = [
   "center",
+  "center_graph",
   "centered_moment",
   "check_inputs",
   "check_values",
@@ -44,6 +45,7 @@ __all__ = [
   "sqrtm_eigh",
   "sqrtm_newton_schulz",
   "tensor_sketch_moment",
+  "token_count",
   "token_gram",
   "triu_flat_indices",
   "triu_size",

@@ -13,8 +13,8 @@ from jax.ad_checkpoint import checkpoint_name
 from moment_jax.ops import _checks as checks
 from moment_jax.ops.chunk import check_chunk, map_samples
 from moment_jax.ops.gram import check_space, gram_sqrtm, token_gram, use_token_space
-from moment_jax.ops.graph import normalize_graph, propagate
-from moment_jax.ops.moment import center, centered_moment
+from moment_jax.ops.graph import center_graph, normalize_graph, propagate
+from moment_jax.ops.moment import center, centered_moment, token_count
 from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
 from moment_jax.ops.sqrtm import check_iterations, check_method, check_normalization, matrix_sqrt
 from moment_jax.ops.triu import triu_size, triu_vector
@@ -193,9 +193,13 @@ def root_and_sketch(
   )
   h = tokens.astype(dtype)
   if graph is not None:
-    a_hat = normalize_graph(jnp.asarray(graph, dtype), eps, mask)
-    h = checks.check_finite(propagate(a_hat, h, precision), "propagation", check)
-  hc, n = center(h, mask, dtype=dtype)
+    # The graph is small: normalised and centred in float32 or wider, rounded once.
+    wide = jnp.promote_types(dtype, jnp.float32)
+    c = center_graph(normalize_graph(jnp.asarray(graph, wide), eps, mask), mask)
+    hc = checks.check_finite(propagate(c.astype(dtype), h, precision), "propagation", check)
+    n = token_count(h, mask, dtype=dtype)
+  else:
+    hc, n = center(h, mask, dtype=dtype)
   if isqrt_method == "newton_schulz" and use_token_space(
     h.shape[1], h.shape[2], isqrt_iterations, isqrt_space
   ):

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax.typing import Dtype, PrecisionLike
 
-__all__ = ["center", "centered_moment", "second_moment"]
+__all__ = ["center", "centered_moment", "second_moment", "token_count"]
 
 
 def _stage_dtype(x: jax.Array, dtype: Dtype | None) -> jnp.dtype:
@@ -35,14 +35,29 @@ def center(
   """
   dtype = _stage_dtype(h, dtype)
   h = h.astype(dtype)
+  n = token_count(h, mask, dtype=dtype)
   if mask is None:
-    n = jnp.full(h.shape[:1], h.shape[1], dtype)
     return h - jnp.mean(h, axis=1, keepdims=True), n
   m = mask.astype(dtype)[..., None]
-  # An all-padding row has n = 0: clamp to 1 so its moment is eps * I.
-  n = jnp.maximum(jnp.sum(m, axis=(1, 2)), 1)
   mu = jnp.sum(h * m, axis=1, keepdims=True) / n[:, None, None]
   return (h - mu) * m, n
+
+
+def token_count(
+  h: jax.Array, mask: jax.Array | None = None, *, dtype: Dtype | None = None
+) -> jax.Array:
+  """Valid tokens per sample, `[batch]` floating, at least 1.
+
+  Args:
+    h: `[batch, tokens, dim]` tokens (only the shape is read).
+    mask: optional `[batch, tokens]` bool, `False` for padding.
+    dtype: dtype of the result; default `h`'s, at least float32.
+  """
+  dtype = _stage_dtype(h, dtype)
+  if mask is None:
+    return jnp.full(h.shape[:1], h.shape[1], dtype)
+  # An all-padding row has n = 0: clamp to 1 so its moment is eps * I.
+  return jnp.maximum(jnp.sum(mask.astype(dtype), axis=1), 1)
 
 
 def centered_moment(
