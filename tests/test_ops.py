@@ -21,7 +21,7 @@ import reference as ref
 from absl.testing import parameterized
 from jax.test_util import check_grads
 
-from moment_jax import ops
+from moment_jax import memory, ops
 
 
 def rel_err(x, r):
@@ -77,6 +77,19 @@ def test_centred_graph_propagates_centred_tokens(shared, masked):
   want, n = ref.center(ref.propagate(x, g, 1e-5, mask), mask)
   assert rel_err(ops.propagate(c, jnp.asarray(x)), want) < 1e-6
   np.testing.assert_array_equal(ops.token_count(jnp.asarray(x), m), n)
+
+
+def test_shared_graph_propagation_keeps_the_graph_not_its_broadcast():
+  # The shared graph is applied as a batched product (for XLA's layouts); its
+  # `[batch, tokens, tokens]` broadcast must not become a backward residual.
+  rng = np.random.default_rng(3)
+  a = jnp.asarray(random_graph(rng, 1, 16, shared=True))
+  x = jnp.asarray(rng.normal(size=(8, 16, 4)), jnp.float32)
+  saved = memory.residuals(lambda x: jnp.sum(ops.propagate(a, x) ** 2), x)
+  assert (8, 16, 16) not in [r.shape for r, _ in saved], saved
+  with jax.enable_x64(True):
+    a64, x64 = a.astype(jnp.float64), x.astype(jnp.float64)
+    check_grads(ops.propagate, (a64, x64), order=1, modes=["rev"])
 
 
 def test_shared_graph_equals_its_broadcast():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -84,13 +86,24 @@ def propagate(
     `[batch, tokens, dim]` in the promoted dtype of the two inputs.
   """
   if a_hat.ndim == 2:
-    # A batched product, not one `[batch * dim, tokens]` GEMM: XLA fuses the broadcast
-    # into the GEMM, and the result keeps the `[batch, tokens, dim]` layout. As one GEMM,
-    # XLA gave it a `[batch, dim, tokens]` layout that reached every later product, and
-    # the map back to channels ran 2.4x slower (H100 head step, bf16, busy 1.67 -> 1.60
-    # ms at B=64, 5.02 -> 4.69 at B=256; docs/performance.md).
-    a_hat = jnp.broadcast_to(a_hat, tokens.shape[:1] + a_hat.shape)
+    return _shared_graph_product(a_hat, tokens, precision)
   return jnp.einsum("bnm,bmd->bnd", a_hat, tokens, precision=precision)
+
+
+# A batched product, not one `[batch * dim, tokens]` GEMM: XLA fuses the broadcast into
+# the GEMM, and the result keeps the `[batch, tokens, dim]` layout. As one GEMM, XLA gave
+# it a `[batch, dim, tokens]` layout that reached every later product, and the map back
+# to channels ran 2.4x slower (H100 head step, bf16, busy 1.67 -> 1.60 ms at B=64,
+# 5.02 -> 4.69 at B=256; docs/performance.md). Rematerialised, so that the backward
+# keeps `a_hat`, not its `[batch, tokens, tokens]` broadcast.
+@functools.partial(
+  jax.checkpoint, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable
+)
+def _shared_graph_product(
+  a_hat: jax.Array, tokens: jax.Array, precision: PrecisionLike
+) -> jax.Array:
+  a = jnp.broadcast_to(a_hat, tokens.shape[:1] + a_hat.shape)
+  return jnp.einsum("bnm,bmd->bnd", a, tokens, precision=precision)
 
 
 def grid_graph(
