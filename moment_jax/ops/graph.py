@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.typing import PrecisionLike
 
+from moment_jax.ops.moment import center
+
 __all__ = ["center_graph", "grid_graph", "normalize_graph", "propagate"]
 
 
@@ -63,11 +65,12 @@ def center_graph(a_hat: jax.Array, mask: jax.Array | None = None) -> jax.Array:
     >>> bool(jnp.allclose(hc, ops.center(ops.propagate(a, x))[0], atol=1e-6))
     True
   """
-  if mask is None:
-    return a_hat - jnp.mean(a_hat, axis=-2, keepdims=True)
-  m = mask.astype(a_hat.dtype)[:, :, None]
-  n = jnp.maximum(jnp.sum(m, axis=1, keepdims=True), 1)
-  return m * (a_hat - jnp.sum(m * a_hat, axis=1, keepdims=True) / n)
+  # The rows of A_hat are centred as `center` centres tokens: C x = A_hat x - 1 mu.
+  a = a_hat if a_hat.ndim == 3 else a_hat[None]
+  if mask is not None:
+    a = jnp.broadcast_to(a, mask.shape[:1] + a.shape[1:])
+  c, _ = center(a, mask, dtype=a_hat.dtype)
+  return c if a_hat.ndim == 3 or mask is not None else c[0]
 
 
 def propagate(
