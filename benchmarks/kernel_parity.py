@@ -10,6 +10,10 @@ output and the gradients of `sum(out^2)` for the parameters and the tokens
 both ways and prints, per row, the largest difference over the largest
 entry of the XLA path's value (output, d_tokens, d_proj/kernel), and whether
 the kernel ran (a `pallas_call` in the program). Writes JSON with --json.
+
+`--compare row-align` compares instead the default path with its token rows
+aligned (`ops.gram.ROW_ALIGN_BYTES`, 196 -> 200 bf16 tokens) against the same
+path unpadded (`ROW_ALIGN_BYTES = 1`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from moment_jax import MomentHead, grid_graph
+from moment_jax.ops import gram
 
 N, D, SIDE = 196, 768, 14
 
@@ -54,6 +59,7 @@ def main():
   ap.add_argument("--preset", nargs="+", default=["optimized", "original"])
   ap.add_argument("--policy", nargs="+", default=["float32", "tf32", "bfloat16"])
   ap.add_argument("--json", default=None)
+  ap.add_argument("--compare", choices=["kernels", "row-align"], default="kernels")
   ap.add_argument("--tiny", action="store_true", help="N=16, D=8: a CPU smoke run (interpreted)")
   args = ap.parse_args()
   n, d, side = (16, 8, 4) if args.tiny else (N, D, SIDE)
@@ -62,11 +68,20 @@ def main():
   rows = []
   for preset in args.preset:
     for policy in args.policy:
-      xla = MomentHead.from_preset(preset, policy=policy, dropout_rate=0.0, use_kernels=False)
-      v = jax.jit(lambda k, h=xla: h.init(k, tokens, graph, train=False))(jax.random.key(0))
-      want = grads(xla, v, tokens, graph)
-      got = grads(xla.clone(use_kernels=True), v, tokens, graph)
+      aligned = gram.ROW_ALIGN_BYTES
+      if args.compare == "kernels":
+        ref = MomentHead.from_preset(preset, policy=policy, dropout_rate=0.0, use_kernels=False)
+        fast = ref.clone(use_kernels=True)
+      else:
+        ref = fast = MomentHead.from_preset(preset, policy=policy, dropout_rate=0.0)
+      v = jax.jit(lambda k, h=ref: h.init(k, tokens, graph, train=False))(jax.random.key(0))
+      if args.compare == "row-align":
+        gram.ROW_ALIGN_BYTES = 1
+      want = grads(ref, v, tokens, graph)
+      gram.ROW_ALIGN_BYTES = aligned
+      got = grads(fast, v, tokens, graph)
       row = dict(
+        compare=args.compare,
         preset=preset,
         policy=policy,
         batch=args.batch,

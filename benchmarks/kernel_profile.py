@@ -13,7 +13,10 @@ records a few steps with
 instruction that launched it. It prints the top kernels per step (time,
 launches, share, kind: GEMM, Pallas/Triton or XLA fusion), the device-busy
 time per step against the wall time, and writes profile.json plus each
-step's optimized HLO under --out.
+step's optimized HLO under --out. `--row-align 1 16 --rounds 2` compares
+the token-space path with and without its aligned token rows
+(`ops.gram.ROW_ALIGN_BYTES`), interleaved; a table of every run ends the
+output.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from moment_jax import MomentHead, grid_graph, steps
+from moment_jax.ops import gram
 
 sys.path.insert(0, os.path.dirname(__file__))
 from gpu import SIDE, D, N, jax_sync, timeit  # noqa: E402
@@ -109,8 +113,11 @@ def busy_ns(events) -> float:
   return total
 
 
-def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, top: int):
+def profile(
+  b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, top: int, row_align: int = 16
+):
   use = {"auto": None, "on": True, "off": False}[kernels]
+  gram.ROW_ALIGN_BYTES = row_align
   head = MomentHead.from_preset("optimized", policy=policy, dropout_rate=0.0, use_kernels=use)
   graph = grid_graph(SIDE, SIDE)
   pol = head.resolved_policy(jnp.float32)
@@ -119,7 +126,7 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
   step = steps.make_grad_step(head, graph, token_grad=True)
   key = jax.random.key(2)
   args = (v["params"], v["batch_stats"], tokens, key)
-  name = f"b{b}_{policy}_{kernels}"
+  name = f"b{b}_{policy}_{kernels}_align{row_align}"
   with open(os.path.join(out_dir, f"profile_{name}.hlo.txt"), "w") as f:
     f.write(step.lower(*args).compile().as_text())
   box = [None]
@@ -157,6 +164,7 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
     batch=b,
     policy=policy,
     kernels=kernels,
+    row_align=row_align,
     ms_per_step=ms,
     ms_per_step_pipelined=ms_pipelined,
     ms_dispatch=ms_dispatch,
@@ -166,7 +174,7 @@ def profile(b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, t
     by_kind={k: dict(us=u, launches=n) for k, (u, n) in by_kind.items()},
   )
   print(
-    f"\n== B={b} {policy} kernels={kernels}: {ms:.3f} ms/step wall, "
+    f"\n== B={b} {policy} kernels={kernels} row_align={row_align}: {ms:.3f} ms/step wall, "
     f"{ms_pipelined:.3f} pipelined, {ms_dispatch:.3f} to dispatch, "
     f"{summary['busy_us_per_step']:.0f} us busy, {summary['launches_per_step']:.0f} launches"
   )
@@ -197,6 +205,14 @@ def main():
     choices=["auto", "on", "off"],
     help="use_kernels settings (default: auto)",
   )
+  ap.add_argument(
+    "--row-align",
+    nargs="+",
+    type=int,
+    default=[gram.ROW_ALIGN_BYTES],
+    help="ops.gram.ROW_ALIGN_BYTES settings: 1 turns the token padding off (default: 16)",
+  )
+  ap.add_argument("--rounds", type=int, default=1, help="rounds over the settings (default: 1)")
   ap.add_argument("--trace-steps", type=int, default=5, help="traced steps (default: 5)")
   ap.add_argument("--top", type=int, default=40, help="kernels printed per run (default: 40)")
   a = ap.parse_args()
@@ -209,10 +225,24 @@ def main():
   )
   for b in a.batch:
     for p in a.policy:
-      for k in a.kernels:
-        res["runs"].append(profile(b, p, k, a.trace_steps, a.out, a.top))
-  with open(os.path.join(a.out, "profile.json"), "w") as f:
-    json.dump(res, f, indent=1)
+      for r in range(a.rounds):  # settings interleaved, so drift hits them alike
+        for k in a.kernels:
+          for align in a.row_align:
+            run = profile(b, p, k, a.trace_steps, a.out, a.top, align)
+            run["summary"]["round"] = r
+            res["runs"].append(run)
+            with open(os.path.join(a.out, "profile.json"), "w") as f:
+              json.dump(res, f, indent=1)
+  print("\n    B policy    kernels align round   sync    b2b   busy  pallas    gemm  fusion")
+  for run in res["runs"]:
+    s = run["summary"]
+    us = {k: v["us"] for k, v in s["by_kind"].items()}
+    print(
+      f"{s['batch']:5d} {s['policy']:9s} {s['kernels']:7s} {s['row_align']:5d} {s['round']:5d} "
+      f"{s['ms_per_step']:6.3f} {s['ms_per_step_pipelined']:6.3f} "
+      f"{s['busy_us_per_step'] / 1e3:6.3f} "
+      + " ".join(f"{us.get(k, 0.0):7.1f}" for k in ("pallas", "gemm", "fusion"))
+    )
 
 
 if __name__ == "__main__":

@@ -17,7 +17,9 @@ from jax.test_util import check_grads
 from test_ops import random_graph, random_mask, rel_err
 
 from moment_jax import MomentHead, grid_graph, ops
+from moment_jax.ops import gram as gram_ops
 from moment_jax.ops import sqrtm as sq
+from moment_jax.ops.gram import aligned_tokens
 
 B, N, D = 3, 9, 24  # fewer tokens than channels, as in ViT-B (196 < 768)
 G = grid_graph(3, 3)
@@ -98,12 +100,14 @@ def _dots(jaxpr):
 @pytest.mark.parametrize("k, gemms", [(1, 0), (2, 3), (3, 7)])
 def test_products_with_identity_iterates_are_skipped(k, gemms):
   """A = M / c and the first Z are `s I` in P: products with them take one
-  token GEMM or none, so K=3 runs 7 [N, N] products instead of 3 (3K - 3) = 12."""
+  token GEMM or none, so K=3 runs 7 [N, N] products instead of 3 (3K - 3) = 12
+  (on tokens padded to aligned rows, `ops.gram.aligned_tokens`)."""
   x = tokens(0)
   hc, n = x - x.mean(1, keepdims=True), jnp.full((B,), N)
   fn = lambda h: ops.gram_sqrtm(ops.token_gram(h, n), h, n, 1e-5, k)
   jaxpr = jax.make_jaxpr(fn)(hc).jaxpr
-  assert sum(s == ((B, N, N), (B, N, N)) for s in _dots(jaxpr)) == gemms
+  r = aligned_tokens(N, jnp.float32)
+  assert sum(s == ((B, r, r), (B, r, r)) for s in _dots(jaxpr)) == gemms
 
 
 @pytest.mark.parametrize("k", [3, 9])
@@ -354,3 +358,74 @@ def test_bfloat16_head_step_has_no_float32_token_product():
   batched = [avals for avals in _dot_operands(jaxpr) if all(a.ndim == 3 for a in avals)]
   assert batched
   assert not [s for s in batched if any(a.dtype == jnp.float32 for a in s)], batched
+
+
+# -- token rows padded to 16 bytes (`ops.gram.aligned_tokens`) -------------------
+
+NP, DP = 18, 64  # 18 tokens: 20 float32 rows (80 bytes), 24 bf16 rows (48 bytes)
+GP = grid_graph(3, 6)
+
+
+def _padded_head_grads(monkeypatch, align, head, x, graph, mask):
+  monkeypatch.setattr(gram_ops, "ROW_ALIGN_BYTES", align)
+  v = head.init(jax.random.key(0), x, graph, mask, train=False)
+  # A fresh function per call: a cached trace would hide the setting.
+  fn = jax.jit(lambda v, x: head_grads(head, v, x, graph, mask))
+  jaxpr = jax.make_jaxpr(fn)(v, x).jaxpr
+  return fn(v, x), {s[-2:] for avals in _dots(jaxpr) for s in avals}
+
+
+@pytest.mark.parametrize(
+  "policy, preset, kw",
+  [
+    ("float32", "optimized", {}),
+    ("bfloat16", "optimized", {}),
+    ("bfloat16", "optimized", dict(isqrt_chunk=2, remat_policy="isqrt")),
+    ("float32", "performance", dict(sketch_dim=64, isqrt_normalization="frobenius")),
+  ],
+)
+@pytest.mark.parametrize("graph", ["shared", "batched", None])
+def test_aligned_token_rows_give_the_unpadded_numbers(monkeypatch, policy, preset, kw, graph):
+  """The head with its token rows padded (the default) against the same head
+  unpadded (`ROW_ALIGN_BYTES = 1`), masks included: outputs and gradients.
+
+  Padding is exact (zero token rows add nothing to the Gram matrix's products,
+  and every iterate stays block-diagonal), so the two agree to the products'
+  rounding: 1e-5 of the largest entry in float32, one bf16 unit (2^-8) in
+  bfloat16. The third-order case runs in float32: in bfloat16, XLA:CPU fuses
+  the unpadded propagation into the sketch without rounding its output to
+  bf16 once, and the sketch's power normalisation turns that into 8%.
+  """
+  rng = np.random.default_rng(3)
+  x = tokens(1, shape=(B, NP, DP))
+  mask = random_mask(rng, B, NP)
+  g = {"shared": GP, "batched": random_graph(rng, B, NP, False), None: None}[graph]
+  head = MomentHead.from_preset(preset, policy=policy, dropout_rate=0.0, d_out=16, **kw)
+  (out, (dp, dx)), padded = _padded_head_grads(monkeypatch, 16, head, x, g, mask)
+  (out1, (dp1, dx1)), plain = _padded_head_grads(monkeypatch, 1, head, x, g, mask)
+  rows = 24 if policy == "bfloat16" else 20
+  assert (rows, rows) in padded and (rows, rows) not in plain  # the setting took effect
+  assert (NP, NP) in plain and (NP, NP) not in padded  # no unpadded token-space product
+  tol = 1e-5 if policy == "float32" else 2.0**-8
+  for got, want in [(out, out1), (dp, dp1), (dx, dx1)]:
+    # Over a tree's largest entry: a bias in front of the BatchNorm has a zero gradient.
+    a, b = (
+      np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(y)])
+      for y in (got, want)
+    )
+    assert np.isfinite(a).all()
+    assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)), np.max(np.abs(a - b)) / np.max(
+      np.abs(b)
+    )
+
+
+def test_aligned_tokens_and_pad_tokens():
+  assert [aligned_tokens(n, jnp.bfloat16) for n in (1, 8, 9, 196)] == [8, 8, 16, 200]
+  assert [aligned_tokens(n, jnp.float32) for n in (1, 4, 5, 196)] == [4, 4, 8, 196]
+  assert aligned_tokens(7, jnp.float64) == 8
+  x = jnp.arange(6.0).reshape(1, 2, 3)
+  y = gram_ops.pad_tokens(x, 4, axes=(-2, -1))
+  assert y.shape == (1, 4, 4)
+  np.testing.assert_array_equal(y[:, :2, :3], x)
+  assert float(jnp.abs(y).sum()) == float(x.sum())  # the rest is zeros
+  assert gram_ops.pad_tokens(x, 2) is x

@@ -12,7 +12,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 from moment_jax.ops import _checks as checks
 from moment_jax.ops.chunk import check_chunk, map_samples
-from moment_jax.ops.gram import check_space, gram_sqrtm, token_gram, use_token_space
+from moment_jax.ops.gram import (
+  aligned_tokens,
+  check_space,
+  gram_sqrtm,
+  pad_tokens,
+  token_gram,
+  use_token_space,
+)
 from moment_jax.ops.graph import center_graph, normalize_graph, propagate
 from moment_jax.ops.moment import center, centered_moment, token_count
 from moment_jax.ops.sketch import check_sketch_dim, tensor_sketch_moment
@@ -192,17 +199,26 @@ def root_and_sketch(
     else (jnp.promote_types(tokens.dtype, jnp.float32))
   )
   h = tokens.astype(dtype)
+  token_space = isqrt_method == "newton_schulz" and use_token_space(
+    h.shape[1], h.shape[2], isqrt_iterations, isqrt_space
+  )
+  # In token space the centred tokens get zero rows up to an aligned count
+  # (`ops.gram.aligned_tokens`); the graph's padded rows make them for free.
+  rows = h.shape[1]
+  if token_space:
+    root_dtype = sqrt_dtype if sqrt_dtype is not None else jnp.promote_types(dtype, jnp.float32)
+    rows = aligned_tokens(rows, root_dtype)
   if graph is not None:
     # The graph is small: normalised and centred in float32 or wider, rounded once.
     wide = jnp.promote_types(dtype, jnp.float32)
     c = center_graph(normalize_graph(jnp.asarray(graph, wide), eps, mask), mask)
+    c = pad_tokens(c, rows)
     hc = checks.check_finite(propagate(c.astype(dtype), h, precision), "propagation", check)
     n = token_count(h, mask, dtype=dtype)
   else:
     hc, n = center(h, mask, dtype=dtype)
-  if isqrt_method == "newton_schulz" and use_token_space(
-    h.shape[1], h.shape[2], isqrt_iterations, isqrt_space
-  ):
+    hc = pad_tokens(hc, rows)
+  if token_space:
     s = _token_root(
       hc, n, eps, isqrt_iterations, isqrt_normalization, sqrt_dtype, precision, remat_isqrt, check
     )
@@ -222,7 +238,7 @@ def root_and_sketch(
   s = checkpoint_name(checks.check_finite(s, "sqrtm", check), "sqrtm")
   if not use_third_order:
     return s, None
-  v3 = tensor_sketch_moment(hc, sketch_dim, sketch_seed, mask, eps, dtype=dtype)
+  v3 = tensor_sketch_moment(hc[:, : h.shape[1]], sketch_dim, sketch_seed, mask, eps, dtype=dtype)
   return s, checks.check_finite(v3.astype(s.dtype), "features", check)
 
 

@@ -35,7 +35,7 @@ from moment_jax.ops.sqrtm import (
   check_stability,
 )
 
-__all__ = ["gram_sqrtm", "token_gram", "use_token_space"]
+__all__ = ["aligned_tokens", "gram_sqrtm", "pad_tokens", "token_gram", "use_token_space"]
 
 SPACES = ("auto", "channel", "token")
 
@@ -214,7 +214,8 @@ def gram_sqrtm(
   n = n.astype(acc)[:, None, None]
   g = g.astype(acc)
   c = _scale(g, eps, dim, normalization)
-  alg = _Algebra(g, dtype, precision)
+  rows = aligned_tokens(g.shape[-1], dtype)
+  alg = _Algebra(pad_tokens(g, rows, axes=(-2, -1)), dtype, precision)
   a_el = (eps / c, _Diag(1 / c))  # A = M / c
   if k == 1:
     three_minus_a = (3.0 - a_el[0], _Diag(-1 / c))
@@ -245,7 +246,39 @@ def gram_sqrtm(
     out = jax.lax.fori_loop(0, loops, lambda _, s: step(s), init) if loops else init
     y, z = out if coupled else (alg.mul(a_el, out), out)
     y = alg.comb(1.5, y, -0.5, alg.mul(y, alg.mul(z, y)))  # iteration K: Y only
-  return _to_channels(y, c, hc, n, dtype, precision)
+  tokens = hc.shape[1]  # P's block for hc's rows, padded or not
+  return _to_channels((y[0], y[1][:, :tokens, :tokens]), c, hc, n, dtype, precision)
+
+
+# Rows of the token-space operands start on 16-byte boundaries: GPU GEMMs load
+# aligned rows with vector and bulk (TMA) copies, and 196 bf16 tokens make a
+# 392-byte row. Padded to 200, the bf16 head step ran 7-13% faster (H100,
+# B=64-256; docs/performance.md). 1 turns the padding off.
+ROW_ALIGN_BYTES = 16
+
+
+def aligned_tokens(tokens: int, dtype: Dtype) -> int:
+  """`tokens` rounded up to a whole number of `ROW_ALIGN_BYTES` in `dtype`.
+
+  Example:
+    >>> aligned_tokens(196, jnp.bfloat16), aligned_tokens(196, jnp.float32)
+    (200, 196)
+  """
+  multiple = max(ROW_ALIGN_BYTES // jnp.dtype(dtype).itemsize, 1)
+  return -(-tokens // multiple) * multiple
+
+
+def pad_tokens(x: jax.Array, rows: int, axes: tuple[int, ...] = (-2,)) -> jax.Array:
+  """`x` with zero entries appended along `axes` up to `rows`.
+
+  Exact for the token-space root: zero token rows add nothing to the Gram
+  matrix's products, and with `G = diag(G', 0)` every iterate `P` is
+  block-diagonal, its leading block the unpadded iterate.
+  """
+  widths = [(0, 0)] * x.ndim
+  for axis in axes:
+    widths[axis] = (0, rows - x.shape[axis])
+  return jnp.pad(x, widths) if any(w for _, w in widths) else x
 
 
 def _scale(g: jax.Array, eps: float, dim: int, normalization: str) -> jax.Array:
