@@ -376,15 +376,16 @@ def _padded_head_grads(monkeypatch, align, head, x, graph, mask):
 
 
 @pytest.mark.parametrize(
-  "policy, preset, kw",
+  "policy, preset, kw, graph",
   [
-    ("float32", "optimized", {}),
-    ("bfloat16", "optimized", {}),
-    ("bfloat16", "optimized", dict(isqrt_chunk=2, remat_policy="isqrt")),
-    ("float32", "performance", dict(sketch_dim=64, isqrt_normalization="frobenius")),
+    ("float32", "optimized", {}, "shared"),
+    ("bfloat16", "optimized", {}, "shared"),
+    ("bfloat16", "optimized", {}, "batched"),
+    ("bfloat16", "optimized", {}, None),
+    ("bfloat16", "optimized", dict(isqrt_chunk=2, remat_policy="isqrt"), "shared"),
+    ("float32", "performance", dict(sketch_dim=64, isqrt_normalization="frobenius"), "batched"),
   ],
 )
-@pytest.mark.parametrize("graph", ["shared", "batched", None])
 def test_aligned_token_rows_give_the_unpadded_numbers(monkeypatch, policy, preset, kw, graph):
   """The head with its token rows padded (the default) against the same head
   unpadded (`ROW_ALIGN_BYTES = 1`), masks included: outputs and gradients.

@@ -81,12 +81,14 @@ def propagate(
   """`H = A_hat @ tokens` for a `[tokens, tokens]` or `[batch, tokens, tokens]` graph.
 
   Args:
-    a_hat: normalised graph.
+    a_hat: normalised graph; it may have more rows than tokens (`[rows,
+      tokens]`, `[batch, rows, tokens]`), as the pipeline's centred graph
+      does with zero rows in token space (`ops.gram.aligned_tokens`).
     tokens: `[batch, tokens, dim]`.
     precision: matmul precision.
 
   Returns:
-    `[batch, tokens, dim]` in the promoted dtype of the two inputs.
+    `[batch, rows, dim]` in the promoted dtype of the two inputs.
   """
   if a_hat.ndim == 2:
     return _shared_graph_product(a_hat, tokens, precision)
