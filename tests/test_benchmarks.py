@@ -152,3 +152,34 @@ def test_kernel_ncu_worker_runs_at_toy_size(tmp_path):
   cmd += ["--dim", "12", "--d-out", "16"]
   proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+_HLO = """HloModule m
+
+%fused_add (p0: f32[4,8], p1: f32[4,8]) -> f32[4,8] {
+  %p0 = f32[4,8]{1,0} parameter(0)
+}
+
+ENTRY %main (a: f32[4,8], b: bf16[8,8]) -> (f32[4,8], bf16[8]) {
+  %a = f32[4,8]{1,0} parameter(0)
+  %b = bf16[8,8]{1,0} parameter(1)
+  %gemm_fusion_dot = f32[4,8]{1,0} fusion(%a, %b), kind=kCustom, calls=%g
+  %loop_add_fusion = f32[4,8]{1,0} fusion(%a, /*index=1*/%gemm_fusion_dot), kind=kLoop, calls=%f
+  %input_reduce_fusion = (bf16[8]{0}, f32[]) fusion(%b), kind=kInput, calls=%r
+  ROOT %t = (f32[4,8]{1,0}, bf16[8]{0}) tuple(%loop_add_fusion, %input_reduce_fusion)
+}
+"""
+
+
+def test_hlo_bytes_counts_each_fusions_operands_and_output():
+  from benchmarks import hlo_bytes
+
+  rows = {r["name"]: r for r in hlo_bytes.fusion_bytes(_HLO)}
+  assert set(rows) == {"loop_add_fusion", "input_reduce_fusion"}  # not the GEMM fusion
+  assert rows["loop_add_fusion"] == dict(
+    name="loop_add_fusion", kind="kLoop", out_bytes=128, in_bytes=256
+  )
+  assert rows["input_reduce_fusion"]["out_bytes"] == 8 * 2 + 4  # a tuple: both arrays
+  assert rows["input_reduce_fusion"]["in_bytes"] == 64 * 2
+  with pytest.raises(ValueError, match="ENTRY"):
+    hlo_bytes.fusion_bytes("HloModule m\n")
