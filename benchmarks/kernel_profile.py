@@ -114,10 +114,18 @@ def busy_ns(events) -> float:
 
 
 def profile(
-  b: int, policy: str, kernels: str, trace_steps: int, out_dir: str, top: int, row_align: int = 16
+  b: int,
+  policy: str,
+  kernels: str,
+  trace_steps: int,
+  out_dir: str,
+  top: int,
+  row_align: int | None = None,
 ):
   use = {"auto": None, "on": True, "off": False}[kernels]
-  gram.ROW_ALIGN_BYTES = row_align
+  if row_align is None:
+    row_align = gram.ROW_ALIGN_BYTES
+  gram.ROW_ALIGN_BYTES = row_align  # read when the step is traced
   head = MomentHead.from_preset("optimized", policy=policy, dropout_rate=0.0, use_kernels=use)
   graph = grid_graph(SIDE, SIDE)
   pol = head.resolved_policy(jnp.float32)
