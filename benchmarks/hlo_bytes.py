@@ -17,8 +17,12 @@ import argparse
 import json
 import re
 
-DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s32": 4, "u32": 4, "f32": 4}
-DTYPE_BYTES.update({"s64": 8, "u64": 8, "f64": 8})
+# fmt: off
+DTYPE_BYTES = {
+  "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2,
+  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
+}
+# fmt: on
 _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 

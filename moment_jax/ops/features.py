@@ -16,6 +16,7 @@ from moment_jax.ops.gram import (
   aligned_tokens,
   check_space,
   gram_sqrtm,
+  iterate_dtype,
   pad_tokens,
   token_gram,
   use_token_space,
@@ -206,8 +207,7 @@ def root_and_sketch(
   # (`ops.gram.aligned_tokens`); the graph's padded rows make them for free.
   rows = h.shape[1]
   if token_space:
-    root_dtype = sqrt_dtype if sqrt_dtype is not None else jnp.promote_types(dtype, jnp.float32)
-    rows = aligned_tokens(rows, root_dtype)
+    rows = aligned_tokens(rows, iterate_dtype(dtype, sqrt_dtype))
   if graph is not None:
     # The graph is small: normalised and centred in float32 or wider, rounded once.
     wide = jnp.promote_types(dtype, jnp.float32)

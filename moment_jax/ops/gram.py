@@ -35,7 +35,14 @@ from moment_jax.ops.sqrtm import (
   check_stability,
 )
 
-__all__ = ["aligned_tokens", "gram_sqrtm", "pad_tokens", "token_gram", "use_token_space"]
+__all__ = [
+  "aligned_tokens",
+  "gram_sqrtm",
+  "iterate_dtype",
+  "pad_tokens",
+  "token_gram",
+  "use_token_space",
+]
 
 SPACES = ("auto", "channel", "token")
 
@@ -207,7 +214,7 @@ def gram_sqrtm(
   k = check_iterations(iterations)
   check_normalization(normalization)
   acc = jnp.promote_types(g.dtype, jnp.float32)
-  dtype = jnp.dtype(dtype) if dtype is not None else acc
+  dtype = iterate_dtype(g.dtype, dtype)
   if stability_check:
     check_stability(k, dtype, precision)
   dim = hc.shape[-1]
@@ -255,6 +262,14 @@ def gram_sqrtm(
 # 392-byte row. Padded to 200, the bf16 head step ran 7-13% faster (H100,
 # B=64-256; docs/performance.md). 1 turns the padding off.
 ROW_ALIGN_BYTES = 16
+
+
+def iterate_dtype(dtype: Dtype, requested: Dtype | None = None) -> jnp.dtype:
+  """dtype of `gram_sqrtm`'s iterates for a Gram matrix (or tokens) in
+  `dtype`: `requested`, else `dtype` at least float32."""
+  if requested is not None:
+    return jnp.dtype(requested)
+  return jnp.dtype(jnp.promote_types(dtype, jnp.float32))
 
 
 def aligned_tokens(tokens: int, dtype: Dtype) -> int:
