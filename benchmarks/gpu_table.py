@@ -1,4 +1,4 @@
-"""Renders gpu.py's JSON rows as the markdown table of docs/performance.md.
+"""Renders gpu.py's JSON rows as the markdown tables of docs/performance-history.md.
 
 python benchmarks/gpu_table.py docs/results/gpu_h200_token.json [more.json ...]
 """

@@ -17,7 +17,7 @@ preset at D=768) and of its Adam moments:
   its row block, the `[B, d_out]` partial products are reduce-scattered back
   to the batch shards; the backward pass mirrors it, and each device updates
   its own rows. The recommended layout for data parallelism on 2 or more
-  devices (docs/performance.md has the numbers).
+  devices (docs/scaling.md has the numbers).
 
 Example (a training step; `state`, `train_step` and `batch` are yours)::
 

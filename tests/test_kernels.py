@@ -140,7 +140,7 @@ def test_split_backward_leaves_dw_free_to_run_late():
   """The default plain backward is two kernels, and the dW one reads only the
   kept features and the output's cotangent: XLA may run it after a backbone's
   backward instead of holding dW through it (H100 ViT-B/16 step at B=64: peak
-  9,114 MB with one kernel for dS and dW, 8,569 with two; docs/performance.md).
+  9,114 MB with one kernel for dS and dW, 8,569 with two; docs/performance-history.md).
   (The interpreter's compiled memory on the CPU tells nothing here: it runs
   the kernels as loops over scatters, which it buffers differently.)"""
   s, kernel, bias, extra, dy = make(33, 3, 17, 7, jnp.float32)

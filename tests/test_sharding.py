@@ -3,6 +3,7 @@ the single-device step's numbers, each device holds its slice of the head's
 projection kernel and of its Adam moments, and the "rows" layout moves the
 features, not the kernel's gradient (tests/sharding_worker.py runs them)."""
 
+import fcntl
 import json
 import os
 import pathlib
@@ -34,14 +35,31 @@ def _worker(*args):
   return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-@pytest.fixture(scope="module")
-def report():
-  return _worker()
+def _once(factory: pytest.TempPathFactory, *args: str) -> dict:
+  """`_worker(*args)`, run once per test session: under xdist each worker would
+  run a module fixture itself (a minute of both CPU cores for the layouts), so
+  the first writes the result to the run's shared temp folder, under a lock that
+  keeps the others waiting for it. (`--dist loadgroup` would keep the module on
+  one worker, but with pytest 9.2 it no longer groups: pytest-xdist issue 1386.)"""
+  if "PYTEST_XDIST_WORKER" not in os.environ:
+    return _worker(*args)
+  root = factory.getbasetemp().parent  # this run's folder, shared by its workers
+  path = root / f"sharding_{'_'.join(args) or 'report'}.json"
+  with open(path.with_suffix(".lock"), "w") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not path.is_file():
+      path.write_text(json.dumps(_worker(*args)))
+    return json.loads(path.read_text())
 
 
 @pytest.fixture(scope="module")
-def layouts():
-  return _worker("layouts")
+def report(tmp_path_factory):
+  return _once(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def layouts(tmp_path_factory):
+  return _once(tmp_path_factory, "layouts")
 
 
 @pytest.mark.parametrize("mesh", ["2x4", "1x8"])

@@ -247,7 +247,7 @@ class _Plan:
     With 32-bit operands the dW kernel's product `f^T dy` runs on the tensor
     cores (TF32) only with the batch, its contraction, contiguous in both
     operands; from `[batch, columns]` tiles Triton transposes them first, and
-    the dW kernel took 462 µs instead of 248 (H100, B=64, docs/performance.md).
+    the dW kernel took 462 µs instead of 248 (H100, B=64, docs/performance-history.md).
     16-bit operands do not need it. Only with XLA's forward and the split
     backward (the forward kernel and the fused one-kernel backward keep rows).
     """
@@ -808,7 +808,7 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
   # Above 64 rows, 128-row forward blocks read W half as often (B=256: 1.37 ms, not 2.16).
   # (128-row backward tiles on 8 warps ran the plain backward alone 9-12% faster in
   # benchmarks/kernel_sweep.py, but not the whole head step, and the fused AdamW step
-  # at B=128 0.4 ms slower: H100, docs/performance.md.)
+  # at B=128 0.4 ms slower: H100, docs/performance-history.md.)
   wide = batch > 64
   fwd = Tiles(fwd_m=128, fwd_warps=8) if wide else Tiles()
   if moment_dtype is None:
@@ -817,13 +817,13 @@ def default_tiles(batch: int, moment_dtype: Any = None) -> Tiles:
     # backbone's whole backward (ViT-B/16 step, B=64: peak 9,114 MB against 8,569);
     # alone, XLA schedules the dW kernel late. Its tiles: 32-row batch steps over
     # 128x128 tiles of dW (forward+backward 1.17 and 1.73 ms, not 1.33 and 1.97, at
-    # B=128 and 256; bf16 products, H100, docs/performance.md).
+    # B=128 and 256; bf16 products, H100, docs/performance-history.md).
     return dataclasses.replace(fwd, bwd_split=True, dw_m=32, dw_n=128, dw_k=128, dw_warps=8)
   # The fused AdamW backward updates the kernel and moments in place: no dW buffer,
   # so up to 64 rows it stays one kernel (dS and the update from one read of W).
   # Above, its update kernel reads the forward's chunk layout; with bf16 moments
   # 64-column tiles (one chunk each) ran forward+fused in 2.08 and 2.71 ms, not
-  # 2.19 and 3.05 with 32 (B=128, 256; kernel_sweep.py, H100, docs/performance.md).
+  # 2.19 and 3.05 with 32 (B=128, 256; kernel_sweep.py, H100, docs/performance-history.md).
   return fwd
 
 
@@ -936,7 +936,7 @@ def triu_project(
       forward kernel ran 1.5x (B=64) to 2.3x (B=256) slower than XLA's
       gather and product with float32 operands, and 1.3x
       (B=64) to 1.8x (B=256) faster with bfloat16 ones
-      (docs/performance.md).
+      (docs/performance-history.md).
     interpret: run the Pallas interpreter; None means on every backend but GPU.
     tiles: block sizes; None: `default_tiles(batch)`, measured on an H100
       at d_out = 512.

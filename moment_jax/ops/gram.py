@@ -260,7 +260,7 @@ def gram_sqrtm(
 # Rows of the token-space operands start on 16-byte boundaries: GPU GEMMs load
 # aligned rows with vector and bulk (TMA) copies, and 196 bf16 tokens make a
 # 392-byte row. Padded to 200, the bf16 head step ran 7-13% faster (H100,
-# B=64-256; docs/performance.md). 1 turns the padding off.
+# B=64-256; docs/performance-history.md). 1 turns the padding off.
 ROW_ALIGN_BYTES = 16
 
 

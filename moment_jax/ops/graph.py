@@ -99,7 +99,7 @@ def propagate(
 # the GEMM, and the result keeps the `[batch, tokens, dim]` layout. As one GEMM, XLA gave
 # it a `[batch, dim, tokens]` layout that reached every later product, and the map back
 # to channels ran 2.4x slower (H100 head step, bf16, busy 1.67 -> 1.60 ms at B=64,
-# 5.02 -> 4.69 at B=256; docs/performance.md). Rematerialised, so that the backward
+# 5.02 -> 4.69 at B=256; docs/performance-history.md). Rematerialised, so that the backward
 # keeps `a_hat`, not its `[batch, tokens, tokens]` broadcast.
 @functools.partial(
   jax.checkpoint, static_argnums=(2,), policy=jax.checkpoint_policies.nothing_saveable
