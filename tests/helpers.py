@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.extend import core as jex_core
 
 
 def head_grads(head, variables, tokens, graph=None, mask=None, key=0):
@@ -30,3 +31,11 @@ def head_grads(head, variables, tokens, graph=None, mask=None, key=0):
 def random_tokens(seed=0, shape=(4, 9, 8), scale=1.0):
   """Float32 standard-normal tokens `[batch, tokens, dim]`, times `scale`, from `seed`."""
   return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+def equations(jaxpr):
+  """Every equation of `jaxpr` and of its sub-jaxprs (pjit, custom rules, loops), depth first."""
+  for eqn in jaxpr.eqns:
+    yield eqn
+    for sub in jex_core.jaxprs_in_params(eqn.params):
+      yield from equations(sub)

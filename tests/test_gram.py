@@ -11,8 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference as ref
-from helpers import head_grads, random_tokens
-from jax.extend import core as jex_core
+from helpers import equations, head_grads, random_tokens
 from jax.test_util import check_grads
 from test_ops import random_graph, random_mask, rel_err
 
@@ -86,11 +85,9 @@ def test_auto_takes_the_cheaper_space():
 
 def _dot_operands(jaxpr):
   """The operand avals of every `dot_general`, sub-jaxprs (pjit, custom rules, loops) included."""
-  for eqn in jaxpr.eqns:
+  for eqn in equations(jaxpr):
     if eqn.primitive.name == "dot_general":
       yield tuple(v.aval for v in eqn.invars)
-    for sub in jex_core.jaxprs_in_params(eqn.params):
-      yield from _dot_operands(sub)
 
 
 def _dots(jaxpr):

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import reference as ref
 from absl.testing import parameterized
+from helpers import equations
 from jax.test_util import check_grads
 
 from moment_jax import memory, ops
@@ -166,15 +167,6 @@ def test_newton_schulz_converges_to_eigh_root():
   np.testing.assert_allclose(ref.newton_schulz(m, 12), exact, rtol=1e-9, atol=1e-9)
 
 
-def _subjaxprs(eqn):
-  for v in eqn.params.values():
-    for x in v if isinstance(v, (tuple, list)) else (v,):
-      if hasattr(x, "eqns"):
-        yield x
-      elif hasattr(x, "jaxpr") and hasattr(x.jaxpr, "eqns"):
-        yield x.jaxpr
-
-
 def _products(jaxpr, dim, loop_trips):
   """D x D x D products in a jaxpr: (outside the loop, inside one loop body, #loops)."""
   outside, inside, loops = 0, 0, 0
@@ -190,7 +182,7 @@ def _products(jaxpr, dim, loop_trips):
       assert l == 0 and i == 0
       inside += o
     else:
-      for sub in _subjaxprs(eqn):
+      for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         o, i, l = _products(sub, dim, loop_trips)
         outside, inside, loops = outside + o, inside + i, loops + l
   return outside, inside, loops
@@ -268,13 +260,7 @@ def test_tensor_sketch_inverts_one_spectrum_per_sample():
   hc = jnp.zeros((3, 10, 6))
   jaxpr = jax.make_jaxpr(lambda h: ops.tensor_sketch_moment(h, 16))(hc)
 
-  def eqns(j):  # every equation, inside nested jits too
-    for e in j.eqns:
-      yield e
-      for sub in jax.extend.core.jaxprs_in_params(e.params):
-        yield from eqns(sub)
-
-  ffts = [e for e in eqns(jaxpr.jaxpr) if e.primitive.name == "fft"]
+  ffts = [e for e in equations(jaxpr.jaxpr) if e.primitive.name == "fft"]
   inverse = [e for e in ffts if e.params["fft_type"] == jax.lax.FftType.IRFFT]
   assert len(ffts) == 4 and len(inverse) == 1
   assert inverse[0].invars[0].aval.shape == (3, 9)
