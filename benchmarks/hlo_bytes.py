@@ -17,25 +17,15 @@ import argparse
 import json
 import re
 
-# fmt: off
-DTYPE_BYTES = {
-  "pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2,
-  "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8,
-}
-# fmt: on
+# The HLO shape reader of the collectives' accounting: one table of dtype sizes.
+from moment_jax.sharding import _array_bytes
+
 _DEF = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
-_ARRAY = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
 
 
 def array_bytes(shape: str) -> int:
   """Bytes of every array in an HLO shape, tuples included: `(bf16[2,3], f32[4])` -> 28."""
-  total = 0
-  for dtype, dims in _ARRAY.findall(shape):
-    n = 1
-    for d in filter(None, dims.split(",")):
-      n *= int(d)
-    total += n * DTYPE_BYTES.get(dtype, 0)
-  return total
+  return sum(_array_bytes(shape))
 
 
 def fusion_bytes(hlo: str) -> list[dict]:
